@@ -1,0 +1,132 @@
+"""The GRU controller: scores how useful each past token will be to the current one.
+
+When token i arrives, a GRU reads its embedding (the LLM's frozen table, projected down) and its
+position features, and gives a state h_i. From h_i we keep, per token, a small key k_i and a prior
+b_i (intrinsic importance: sink tokens, punctuation, names). The current token t's state gives a
+query q_t, and
+
+    score(i, t) = <q_t, k_i> / sqrt(d) + b_i + f(t - i)
+
+where f is a small MLP of log-distance features. Labels (training, adore/train/): "i is in the top-K
+of t's full attention". The per-token cost is one GRU cell and three small linears: negligible beside
+a decoder layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ControllerConfig:
+    embed_dim: int  # the LLM's hidden size (input embeddings)
+    proj_dim: int = 64
+    hidden_dim: int = 64
+    score_dim: int = 32
+    pos_features: int = 16
+    dist_hidden: int = 16
+
+
+def position_features(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Sinusoids of log(1 + position): [...] int -> [..., n] float. Log scale so that the features
+    separate the first tokens (sinks) sharply and still vary over thousands of positions."""
+    x = torch.log1p(pos.float().clamp(min=0))[..., None]
+    freqs = torch.arange(n // 2, device=pos.device, dtype=torch.float32)
+    ang = x * (2.0 ** (freqs - 2))
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+def distance_features(dist: torch.Tensor) -> torch.Tensor:
+    """[...] int distances (t - i >= 0) -> [..., 4] float."""
+    d = dist.float().clamp(min=0)
+    return torch.stack([torch.log1p(d) / 8.0, 1.0 / (1.0 + d), (d < 8).float(), (d < 64).float()], -1)
+
+
+class Controller(nn.Module):
+    def __init__(self, cfg: ControllerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.embed_dim, cfg.proj_dim)
+        self.gru = nn.GRUCell(cfg.proj_dim + cfg.pos_features, cfg.hidden_dim)
+        self.key = nn.Linear(cfg.hidden_dim, cfg.score_dim)
+        self.query = nn.Linear(cfg.hidden_dim, cfg.score_dim)
+        self.prior = nn.Linear(cfg.hidden_dim, 1)
+        self.dist = nn.Sequential(nn.Linear(4, cfg.dist_hidden), nn.Tanh(), nn.Linear(cfg.dist_hidden, 1))
+        self.reset_to_prior()
+
+    @torch.no_grad()
+    def reset_to_prior(self) -> None:
+        """An untrained controller that behaves like StreamingLLM: recent tokens and the first ones
+        score high, the query term is small. Training moves it from there."""
+        for m in (self.key, self.query):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+        nn.init.zeros_(self.dist[0].weight)
+        nn.init.zeros_(self.dist[0].bias)
+        self.dist[0].weight[0, 0] = -1.0  # f(d) ~ -log(1+d)/8 * w: recency
+        self.dist[2].weight.fill_(0.0)
+        self.dist[2].weight[0, 0] = 4.0
+        nn.init.zeros_(self.dist[2].bias)
+
+    @property
+    def state_dim(self) -> int:
+        return self.cfg.hidden_dim
+
+    def init_state(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(batch, self.cfg.hidden_dim, device=device, dtype=dtype)
+
+    def step(self, emb: torch.Tensor, pos: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: emb [B, E] (LLM embeddings), pos [B], h [B, H] -> new h [B, H]."""
+        x = torch.cat([self.proj(emb.float()), position_features(pos, self.cfg.pos_features)], -1)
+        return self.gru(x, h)
+
+    def run(self, emb: torch.Tensor, pos: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """A whole sequence: emb [T, E], pos [T] -> states [T, H] (prefill and training)."""
+        h = self.init_state(1, emb.device) if h is None else h.view(1, -1)
+        x = torch.cat([self.proj(emb.float()), position_features(pos, self.cfg.pos_features)], -1)
+        out = []
+        for t in range(x.shape[0]):
+            h = self.gru(x[t : t + 1], h)
+            out.append(h)
+        return torch.cat(out, 0)
+
+    def token_features(self, h: torch.Tensor) -> torch.Tensor:
+        """What is stored per token: h [..., H] -> [..., S + 1] (key, prior)."""
+        return torch.cat([self.key(h), self.prior(h)], -1)
+
+    def query_features(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., H] -> q [..., S]"""
+        return self.query(h)
+
+    def score(self, q: torch.Tensor, feats: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """q [B, S], feats [B, N, S+1] (stored token features), dist [B, N] (t - i) -> scores [B, N]."""
+        k, prior = feats[..., :-1], feats[..., -1]
+        s = torch.einsum("bs,bns->bn", q, k) / math.sqrt(k.shape[-1])
+        return s + prior + self.dist(distance_features(dist)).squeeze(-1)
+
+    # -- checkpoints: safetensors weights, config in the metadata --------------------------------
+    def save(self, path: str, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"adore_controller": json.dumps(asdict(self.cfg)), "extra": json.dumps(extra or {})}
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta)
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> Controller:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if "adore_controller" not in meta:
+            raise ValueError(f"{path} is not an ADORE controller checkpoint (no config in its metadata)")
+        ctrl = cls(ControllerConfig(**json.loads(meta["adore_controller"])))
+        ctrl.load_state_dict(load_file(path, device=str(device)))
+        return ctrl.to(device).eval()

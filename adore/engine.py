@@ -1,0 +1,347 @@
+"""Batched decoding with continuous batching over a static pool of sequence rows.
+
+    engine = Engine(model, tokenizer, make_policy("adore"), max_batch=8, max_seq_len=4096)
+    rid = engine.add_request("Once upon a time", SamplingParams(max_tokens=64))
+    while engine.has_work():
+        for out in engine.step():          # StepOutput: request_id, token_id, text, finished, ...
+            print(out.text, end="")
+
+Each `step()` first admits waiting requests into free rows (a dense prefill each, which also gives
+their first token), then runs one decode step for every active row at once. A decode step per row:
+
+  1. the controller reads the current token and scores every past position (adore policies);
+  2. the best released tokens are chosen for rebuild (up to R);
+  3. the rows (rebuilt tokens + the current one) get free slots and run through every layer,
+     attending to the slots at or before their positions, top-K per head;
+  4. the cache is cut back to the budget m by the policy's scores (one decision for all layers);
+  5. the current row's logits give the next token.
+
+All decisions are made from tensors every tensor-parallel rank holds identically, so ranks that run
+the same calls stay in lock-step (workers/ relies on this).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import decoder_parts, forward_prompt, forward_slots
+from .cache import SlotCache
+from .config import SamplingParams, UserError
+from .controller import Controller, ControllerConfig
+from .policies import Policy, SlotView
+from .policies.adore import AdorePolicy
+from .sampling import Detokenizer, make_generator, pick_token
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int | None  # None when a request ends without a new token (stop string, abort)
+    text: str  # new text since the previous output of this request
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float]
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    gen: torch.Generator | None = None
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    next_pos: int = 0  # position of the pending token
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, policy: Policy, *, max_batch: int = 8, max_seq_len: int = 4096,
+                 controller: Controller | None = None) -> None:
+        if max_batch < 1 or max_seq_len < 2:
+            raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
+        self.model, self.tok, self.policy = model, tokenizer, policy
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        cfg = model.config
+        self.device = next(model.parameters()).device
+        self.embed, _, _, self.lm_head, _ = decoder_parts(model)
+        self.vocab_size = cfg.vocab_size
+        if isinstance(policy, AdorePolicy) and policy.uses_controller and policy.controller is None:
+            policy.controller = controller or default_controller(model)
+        self.controller = policy.controller if isinstance(policy, AdorePolicy) else None
+        if self.controller is not None:
+            self.controller.to(self.device).eval().requires_grad_(False)
+        # AutoTP shards heads across ranks: take local head counts from the (sharded) weights.
+        attn = model.model.layers[0].self_attn
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = attn.k_proj.weight.shape[0] // head_dim
+        self.cache = SlotCache(
+            layers=cfg.num_hidden_layers, batch=max_batch, kv_heads=kv_heads, head_dim=head_dim,
+            capacity=policy.capacity(max_seq_len), max_positions=max_seq_len,
+            feat_dim=self.controller.cfg.score_dim + 1 if self.controller else 0,
+            ctrl_dim=self.controller.cfg.hidden_dim if self.controller else 0,
+            dtype=next(model.parameters()).dtype, device=self.device)
+        self.requests: dict[str, _Request] = {}
+        self.waiting: deque[str] = deque()
+        self.rows: list[str] = []  # request id of each active row, rows packed at [0, n)
+        self._ids = itertools.count()
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self.stats = {"steps": 0, "released": 0, "rebuilt": 0, "prefill_tokens": 0, "decode_tokens": 0,
+                      "peak_cache_tokens": 0, "peak_step_tokens": 0}
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; it joins the running batch at the next step with a free row."""
+        params = params or SamplingParams()
+        ids = self.tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise UserError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise UserError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise UserError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                            f"engine's max_seq_len ({self.max_seq_len})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise UserError(f"request id {rid!r} is already in use")
+        gen = make_generator(params.seed, self.device) if params.temperature > 0 else None
+        self.requests[rid] = _Request(rid, ids, params, Detokenizer(self.tok, params.stop), gen)
+        self.waiting.append(rid)
+        return rid
+
+    def abort(self, rid: str) -> bool:
+        """Drop a request now (waiting or running); its row is free for the next step."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return False
+        if rid in self.waiting:
+            self.waiting.remove(rid)
+        elif rid in self.rows:
+            self._free_rows([self.rows.index(rid)])
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    @property
+    def n_active(self) -> int:
+        return len(self.rows)
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        outs: list[StepOutput] = []
+        while self.waiting and len(self.rows) < self.max_batch:
+            self._prefill(self.requests[self.waiting.popleft()], outs)
+        if self.rows:
+            self._decode(outs)
+        return outs
+
+    def _prefill(self, req: _Request, outs: list[StepOutput]) -> None:
+        if req.params.max_tokens == 0:
+            self._finish(req, "length", outs)
+            return
+        row = len(self.rows)
+        self.rows.append(req.rid)
+        c, pol = self.cache, self.policy
+        P = len(req.prompt)
+        ids = torch.tensor([req.prompt], device=self.device)
+        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass)
+        c.clear(row)
+        c.tok_at[row, :P] = ids[0]
+        pos = torch.arange(P, device=self.device)
+        pos_scores = None
+        if isinstance(pol, AdorePolicy):
+            query = None
+            if self.controller is not None:
+                h = self.controller.run(self.embed(ids[0]), pos)
+                c.feat_at[row, :P] = self.controller.token_features(h)
+                c.ctrl_h[row] = h[-1]
+                query = self.controller.query_features(h[-1:])
+            feats = c.feat_at[row : row + 1] if c.feat_at is not None else None
+            pos_scores = pol.position_scores(feats, pos[-1:], query)
+        keep = pos
+        budget = pol.budget
+        if budget is not None and P > budget:
+            view = SlotView(pos[None], pos[-1:], mass if mass is not None else torch.zeros(1, P, device=self.device), pos_scores)
+            keep = pol.keep_scores(view)[0].topk(budget).indices.sort().values
+            c.released[row, :P] = True
+            c.released[row, keep] = False
+            self.stats["released"] += P - budget
+        n = keep.numel()
+        c.k[:, row, :, :n] = torch.stack([k[0, :, keep] for k in ks])
+        c.v[:, row, :, :n] = torch.stack([v[0, :, keep] for v in vs])
+        c.pos[row, :n] = keep
+        if mass is not None:
+            c.mass[row, :n] = mass[0, keep]
+        self.stats["prefill_tokens"] += P
+        self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
+        logits = self.lm_head(hidden[0, -1:])[0]
+        req.next_pos = P
+        self._emit(req, logits, outs)
+        if req.finish_reason is not None:
+            self._free_rows([self.rows.index(req.rid)])
+
+    def _decode(self, outs: list[StepOutput]) -> None:
+        c, pol = self.cache, self.policy
+        n = len(self.rows)
+        reqs = [self.requests[r] for r in self.rows]
+        dev = self.device
+        ar = torch.arange(n, device=dev)
+        cur_tok = torch.tensor([r.out[-1] for r in reqs], device=dev)
+        cur_pos = torch.tensor([r.next_pos for r in reqs], device=dev)
+        c.tok_at[ar, cur_pos] = cur_tok
+
+        # 1-2. controller scores for every position, and the rebuild choice
+        pos_scores = None
+        rb_pos = torch.zeros(n, 0, dtype=torch.long, device=dev)
+        rb_ok = torch.zeros(n, 0, dtype=torch.bool, device=dev)
+        if isinstance(pol, AdorePolicy):
+            query = None
+            if self.controller is not None:
+                h = self.controller.step(self.embed(cur_tok), cur_pos, c.ctrl_h[:n])
+                c.ctrl_h[:n] = h
+                c.feat_at[ar, cur_pos] = self.controller.token_features(h)
+                query = self.controller.query_features(h)
+            pos_scores = pol.position_scores(c.feat_at, cur_pos, query)
+            if pol.rebuild > 0:
+                valid = c.valid(n)
+                cached = pos_scores.gather(1, c.pos[:n, : c.capacity].clamp(min=0))
+                cached_min = cached.masked_fill(~valid, float("inf")).min(1).values
+                rb_pos, rb_ok = pol.choose_rebuild(pos_scores, c.released[:n], cached_min)
+                b, j = rb_ok.nonzero(as_tuple=True)
+                c.released[b, rb_pos[b, j]] = False
+                self.stats["rebuilt"] += int(rb_ok.sum())
+
+        # 3. rows -> free slots -> all layers
+        ids = torch.cat([c.tok_at[:n].gather(1, rb_pos), cur_tok[:, None]], 1)
+        row_pos = torch.cat([torch.where(rb_ok, rb_pos, -1), cur_pos[:, None]], 1)
+        slots = c.free_slots(n, row_pos.shape[1])
+        slots = torch.where(row_pos >= 0, slots, c.trash)
+        c.pos[:n].scatter_(1, slots, row_pos)  # padded rows write -1 into the trash slot
+        c.mass[:n].scatter_(1, slots, torch.zeros_like(row_pos, dtype=c.mass.dtype))
+        step_tokens = int(c.valid(n).sum(1).max())
+        hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
+                                     want_mass=pol.needs_mass)
+        if mass is not None:
+            c.mass[:n, : mass.shape[1]] += mass
+        logits = self.lm_head(hidden[:, -1])
+
+        # 4. release down to the budget, one decision for all layers
+        if pol.budget is not None:
+            valid = c.valid(n)
+            if bool((valid.sum(1) > pol.budget).any()):
+                view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
+                s = pol.keep_scores(view).masked_fill(~valid, float("-inf"))
+                keep = torch.zeros_like(valid).scatter_(1, s.topk(pol.budget, dim=1).indices, True)
+                drop = valid & ~keep
+                b, j = drop.nonzero(as_tuple=True)
+                c.released[b, c.pos[b, j]] = True
+                c.pos[b, j] = -1
+                c.mass[b, j] = 0
+                self.stats["released"] += int(b.numel())
+        held = int(c.valid(n).sum(1).max())
+        st = self.stats
+        st["steps"] += 1
+        st["decode_tokens"] += n
+        st["peak_cache_tokens"] = max(st["peak_cache_tokens"], held)
+        st["peak_step_tokens"] = max(st["peak_step_tokens"], step_tokens)
+
+        # 5. next tokens
+        done = []
+        for i, req in enumerate(reqs):
+            req.next_pos += 1
+            self._emit(req, logits[i], outs)
+            if req.finish_reason is not None:
+                done.append(i)
+        self._free_rows(done)
+
+    # -- tokens out ------------------------------------------------------------------------------
+    def _emit(self, req: _Request, logits: torch.Tensor, outs: list[StepOutput]) -> None:
+        p = req.params
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if p.forced_tokens is not None:
+            tok = p.forced_tokens[len(req.out)]
+        else:
+            tok = pick_token(logits, p.temperature, p.top_p, req.gen)
+        req.out.append(tok)
+        req.logprobs.append(float(logp[tok]))
+        stop_ids = set(p.stop_token_ids) if p.stop_token_ids is not None else self.eos_ids
+        reason = None
+        if p.forced_tokens is None and not p.ignore_eos and tok in stop_ids:
+            text, reason = "", "stop"
+        else:
+            text = req.detok.add(tok)
+            if req.detok.stopped:
+                reason = "stop"
+        if reason is None and len(req.out) >= p.max_tokens:
+            reason, text = "length", text + req.detok.flush()
+        req.finish_reason = reason
+        outs.append(StepOutput(req.rid, tok, text, reason is not None, reason, req.logprobs[-1]))
+
+    def _finish(self, req: _Request, reason: str, outs: list[StepOutput]) -> None:
+        req.finish_reason = reason
+        outs.append(StepOutput(req.rid, None, "", True, reason))
+
+    def _free_rows(self, rows: list[int]) -> None:
+        """Free finished rows, keeping the active rows packed: the last active row moves into each hole."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.rows) - 1
+            if row != last:
+                self.cache.move(last, row)
+                self.rows[row] = self.rows[last]
+            else:
+                self.cache.clear(row)
+            self.rows.pop()
+
+    # -- convenience -----------------------------------------------------------------------------
+    def result(self, rid: str) -> RequestOutput:
+        r = self.requests[rid]
+        return RequestOutput(rid, r.prompt, list(r.out), r.detok.text, r.finish_reason, list(r.logprobs))
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 progress=None) -> list[RequestOutput]:
+        """Run prompts to completion (continuous batching when there are more than max_batch)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while self.has_work():
+            outs = self.step()
+            if progress is not None:
+                progress(outs)
+        results = [self.result(r) for r in rids]
+        for r in rids:
+            self.requests.pop(r, None)
+        return results
+
+    def release_finished(self) -> None:
+        """Forget finished requests (servers call this after reading their results)."""
+        for rid in [r for r, q in self.requests.items() if q.finish_reason is not None]:
+            del self.requests[rid]
+
+
+def default_controller(model) -> Controller:
+    """The shipped trained controller for this model if there is one, else a fresh one (seed 0)."""
+    from .assets import find_controller
+
+    path = find_controller(model)
+    if path is not None:
+        return Controller.load(str(path))
+    torch.manual_seed(0)
+    return Controller(ControllerConfig(embed_dim=model.config.hidden_size))

@@ -1,0 +1,37 @@
+"""Kernels behind the engine's seam: torch reference everywhere, Triton where it runs.
+
+`slot_attention` dispatches: the Triton kernel on CUDA tensors when Triton is importable (and
+ADORE_KERNELS != "torch"), else the torch reference. On CPU Triton only runs in its interpreter
+(TRITON_INTERPRET=1), hundreds of times slower, so the CPU path is always torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import gather_slots, slice_by_matmul
+from .reference import slot_attention as slot_attention_torch
+
+__all__ = ["slot_attention", "slot_attention_torch", "gather_slots", "slice_by_matmul", "backend"]
+
+
+def backend(device: torch.device) -> str:
+    """Which implementation `slot_attention` uses for tensors on `device`."""
+    if os.environ.get("ADORE_KERNELS", "auto") == "torch" or device.type != "cuda":
+        return "torch"
+    try:
+        from . import triton_slot_attention  # noqa: F401
+    except Exception:  # Triton missing or broken: the reference is always correct
+        return "torch"
+    return "triton"
+
+
+def slot_attention(q, k_cache, v_cache, slot_pos, row_pos, top_k=None, scale=None, want_mass=False):
+    """See `reference.slot_attention` for shapes and semantics."""
+    if backend(q.device) == "triton":
+        from .triton_slot_attention import slot_attention_triton
+
+        return slot_attention_triton(q, k_cache, v_cache, slot_pos, row_pos, top_k, scale, want_mass)
+    return slot_attention_torch(q, k_cache, v_cache, slot_pos, row_pos, top_k, scale, want_mass)

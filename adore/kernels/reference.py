@@ -1,0 +1,73 @@
+"""Torch reference for the engine's attention seam.
+
+Every step of the engine runs, per layer, one call of `slot_attention`: R query rows per sequence (the
+current token plus any rebuilt ones) attend over that sequence's fixed-capacity KV slots. The new
+rows' K/V are written into free slots *before* the call, so "causal by position" covers both the
+cached tokens (older positions) and the new rows (a row sees new rows at or before its position).
+
+The Triton kernel in `triton_slot_attention.py` computes the same function; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    row_pos: torch.Tensor,
+    top_k: int | None = None,
+    scale: float | None = None,
+    want_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of query rows over KV slots, causal by absolute position, optional per-head top-K.
+
+    q:        [B, Hq, R, D]   query rows (RoPE applied)
+    k_cache:  [B, Hkv, C, D]  keys per slot (RoPE applied at each token's own position); Hq % Hkv == 0
+    v_cache:  [B, Hkv, C, D]
+    slot_pos: [B, C] int      absolute position of the token in each slot, -1 for an empty slot
+    row_pos:  [B, R] int      absolute position of each query row, -1 for a padded row
+    top_k:    if set, each (row, head) keeps only keys whose score is >= its K-th largest allowed
+              score (ties are kept); None keeps every allowed key
+    Key j is allowed for row r iff slot_pos[b, j] >= 0 and slot_pos[b, j] <= row_pos[b, r].
+    A row with no allowed key (a padded row) gets zeros.
+
+    Returns out [B, Hq, R, D] in q's dtype, and if want_mass the attention probability each slot
+    received, summed over heads and rows: [B, C] float32 (zeros for empty slots), else None.
+    """
+    B, Hq, R, D = q.shape
+    Hkv, C = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    # GQA: the G query heads that share a KV head become extra rows of one matmul.
+    qg = q.reshape(B, Hkv, G * R, D)
+    s = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, Hkv, G*R, C]
+    s = s.view(B, Hkv, G, R, C)
+    allowed = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= row_pos[:, :, None])  # [B, R, C]
+    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    if top_k is not None and top_k < C:
+        kth = s.topk(top_k, dim=-1).values[..., -1:]
+        s = s.masked_fill(s < kth, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
+    out = torch.matmul(p.view(B, Hkv, G * R, C).to(v_cache.dtype), v_cache)
+    mass = p.sum(dim=(1, 2, 3)) if want_mass else None
+    return out.view(B, Hq, R, D).to(q.dtype), mass
+
+
+def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Slot move by gather: x [L, B, H, C, D], index [B, N] (one index per sequence for all layers)
+    -> [L, B, H, N, D] with out[l, b, h, n] = x[l, b, h, index[b, n]]."""
+    L, B, H, C, D = x.shape
+    idx = index[None, :, None, :, None].expand(L, B, H, index.shape[1], D)
+    return torch.gather(x, 3, idx)
+
+
+def slice_by_matmul(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The paper's slot move: a product with a 0/1 slicing matrix S [B, N, C] (S[b, n, index[b, n]] = 1)
+    instead of a gather. Same result as gather_slots."""
+    L, B, H, C, D = x.shape
+    S = torch.nn.functional.one_hot(index, C).to(x.dtype)  # [B, N, C]
+    return torch.matmul(S[None, :, None], x)  # [L, B, H, N, D]

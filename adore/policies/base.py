@@ -1,0 +1,74 @@
+"""The KV policy interface.
+
+A policy decides, after each step, which of a sequence's cached tokens to keep: the engine asks for
+a score per slot (higher = keep) and keeps the `budget` best, one decision for all layers. ADORE
+policies also choose released tokens to rebuild (see adore.py). Policies hold no per-sequence state:
+that lives in the engine's SlotCache, so sequences can join, leave and move between rows freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import AdoreConfig
+
+BIG = 1e9  # score offset that puts a protected class of tokens above every unprotected one
+
+
+@dataclass
+class SlotView:
+    """What a policy may look at when scoring the first n rows' slots.
+
+    pos:        [n, C] int    position of the token in each slot, -1 if empty
+    cur_pos:    [n] int       position of the current token
+    mass:       [n, C] float  attention each slot received, accumulated over steps (h2o)
+    pos_scores: [n, P] float  controller score of every position (adore only), else None
+    """
+
+    pos: torch.Tensor
+    cur_pos: torch.Tensor
+    mass: torch.Tensor
+    pos_scores: torch.Tensor | None = None
+
+
+@dataclass
+class Policy:
+    cfg: AdoreConfig
+    name: ClassVar[str] = "base"
+    bounded: ClassVar[bool] = True  # False: never releases (full attention)
+    needs_mass: ClassVar[bool] = False
+    uses_controller: ClassVar[bool] = False
+
+    @property
+    def budget(self) -> int | None:
+        return self.cfg.cache_size if self.bounded else None
+
+    @property
+    def rebuild(self) -> int:
+        """Most released tokens rebuilt per step (query rows beside the current token)."""
+        return 0
+
+    @property
+    def top_k(self) -> int | None:
+        """Keys each query row keeps; baselines attend densely to what they keep."""
+        return None
+
+    def capacity(self, max_seq_len: int) -> int:
+        """Slots a sequence needs: the budget plus room for one step's new rows."""
+        return max_seq_len if self.budget is None else self.budget + self.rebuild + 1
+
+    def keep_scores(self, view: SlotView) -> torch.Tensor:
+        """[n, C] higher = keep. Only occupied slots are compared."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "cache_size": self.budget, "top_k": self.top_k,
+                "rebuild": self.rebuild}
+
+
+def recent(view: SlotView, n_recent: int) -> torch.Tensor:
+    """[n, C] bool: the slot holds one of the last n_recent positions (the current one included)."""
+    return view.pos > (view.cur_pos[:, None] - n_recent)

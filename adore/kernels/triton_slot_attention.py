@@ -150,7 +150,9 @@ def _one_tile_kernel(
     )
     k_base = k_ptr + b * sk_b + kvh * sk_h
     sp_base = sp_ptr + b * ssp_b
-    s, ok = _score_block(q, rpos, k_base, sp_base, 0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC)
+    s, ok = _score_block(
+        q, rpos, k_base, sp_base, 0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
+    )
     if HAS_TOPK:
         # Exact K-th largest score per row: sort the whole (masked) row, take column K-1.
         srt = tl.sort(s, dim=1, descending=True)
@@ -277,7 +279,9 @@ def _check(q, k_cache, v_cache, slot_pos, row_pos, top_k):
         )
     B, Hq, R, D = q.shape
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"slot_attention_triton: k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"slot_attention_triton: k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+        )
     Bk, Hkv, C, Dk = k_cache.shape
     if Bk != B or Dk != D:
         raise ValueError(

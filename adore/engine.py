@@ -102,6 +102,7 @@ class Engine:
         self._ids = itertools.count()
         eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self.trace: list[dict] | None = None  # set to [] to record each step's decisions (tests)
         self.stats = {"steps": 0, "released": 0, "rebuilt": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "peak_cache_tokens": 0, "peak_step_tokens": 0}
 
@@ -180,8 +181,11 @@ class Engine:
         keep = pos
         budget = pol.budget
         if budget is not None and P > budget:
-            view = SlotView(pos[None], pos[-1:], mass if mass is not None else torch.zeros(1, P, device=self.device), pos_scores)
-            keep = pol.keep_scores(view)[0].topk(budget).indices.sort().values
+            zeros = torch.zeros(1, P, device=self.device)
+            view = SlotView(pos[None], pos[-1:], mass if mass is not None else zeros,
+                            pos_scores)
+            keep = select_keep(pol, view, torch.ones(1, P, dtype=torch.bool, device=self.device))
+            keep = keep[0].nonzero()[:, 0]
             c.released[row, :P] = True
             c.released[row, keep] = False
             self.stats["released"] += P - budget
@@ -245,13 +249,17 @@ class Engine:
         logits = self.lm_head(hidden[:, -1])
 
         # 4. release down to the budget, one decision for all layers
+        if self.trace is not None:
+            self.trace.append({"rows": list(self.rows), "cur_pos": cur_pos.clone(),
+                               "rebuilt": [rb_pos[i][rb_ok[i]].tolist() for i in range(n)],
+                               "pos_scores": None if pos_scores is None else pos_scores.clone(),
+                               "step_pos": c.pos[:n, : c.capacity].clone(),
+                               "mass": c.mass[:n, : c.capacity].clone()})
         if pol.budget is not None:
             valid = c.valid(n)
             if bool((valid.sum(1) > pol.budget).any()):
                 view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
-                s = pol.keep_scores(view).masked_fill(~valid, float("-inf"))
-                keep = torch.zeros_like(valid).scatter_(1, s.topk(pol.budget, dim=1).indices, True)
-                drop = valid & ~keep
+                drop = valid & ~select_keep(pol, view, valid)
                 b, j = drop.nonzero(as_tuple=True)
                 c.released[b, c.pos[b, j]] = True
                 c.pos[b, j] = -1
@@ -334,6 +342,14 @@ class Engine:
         """Forget finished requests (servers call this after reading their results)."""
         for rid in [r for r, q in self.requests.items() if q.finish_reason is not None]:
             del self.requests[rid]
+
+
+def select_keep(policy: Policy, view: SlotView, valid: torch.Tensor) -> torch.Tensor:
+    """[n, C] bool: the occupied slots to keep, the `budget` best by the policy's scores
+    (all of them when a row holds no more than the budget)."""
+    s = policy.keep_scores(view).masked_fill(~valid, float("-inf"))
+    k = min(policy.budget, s.shape[1])
+    return torch.zeros_like(valid).scatter_(1, s.topk(k, dim=1).indices, True) & valid
 
 
 def default_controller(model) -> Controller:

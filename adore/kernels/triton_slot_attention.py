@@ -18,18 +18,22 @@ Two kernels, chosen by C (the number of slots):
   mask is `score >= threshold`.  Softmax is a plain (not online) softmax over the tile, and the
   mass is the column sum of the normalised P tile.
 * C > `MAX_ONE_TILE` (full attention): `_blocked_kernel` loops over the slots in BLOCK_N blocks.
+  When top-K or the mass needs more than one pass, the first pass that computes Q K^T also writes
+  the fp32 scores (-inf where not allowed) to a scratch buffer [B, Hkv, G*R, C]; later passes read
+  them back (4 bytes per row and slot instead of 2*D bytes of K per slot, and bit-identical, so the
+  top-K threshold compares exactly with the scores it is applied to).
   top-K: exact radix-16 search on the fp32 score *bits*.  Each fp32 score is mapped to a signed
-  int32 key that orders like the float (`bits if bits >= 0 else bits ^ 0x7FFFFFFF`).  A first pass
-  counts the allowed keys and finds their min and max per row; then each further pass recomputes
-  the score blocks and counts, for 15 candidate keys evenly spaced in the row's current bracket
-  [lo, hi), how many allowed keys are >= the candidate, and shrinks the bracket 16-fold, keeping
-  count(key >= lo) >= K > count(key >= hi).  It stops when hi == lo + 1 for every row (<= 8 passes
-  for the 2^32 key range, usually fewer), and lo is then exactly the key of the K-th largest
-  allowed score, converted back to its float.  Rows with fewer than K allowed keys keep them all
-  (the K-th largest of the reference is then -inf).  The score blocks are recomputed by the same
-  code in every pass, so the threshold compares bit-exactly with the scores of the attention pass.
-  Attention: one online-softmax pass in fp32 (exp2, running max and sum per row).  Mass: a last
-  pass recomputes the scores and sums exp(s - max) / sum over the rows of each slot.
+  int32 key that orders like the float (`bits if bits >= 0 else bits ^ 0x7FFFFFFF`).  The first
+  pass counts the allowed keys and finds their min and max per row; then each search pass counts,
+  for 15 candidate keys evenly spaced in the row's current bracket [lo, hi), how many keys are >=
+  the candidate, and shrinks the bracket 16-fold, keeping count(key >= lo) >= K > count(key >= hi).
+  It stops when hi == lo + 1 for every row (about 8 passes for the 2^32 key range, fewer when the
+  scores span a narrow range), and lo is then exactly the key of the K-th largest allowed score,
+  converted back to its float.  Rows with fewer than K allowed keys keep them all (the K-th
+  largest of the reference is then -inf).  The mask is `score >= threshold`, so ties are kept.
+  Attention: one online-softmax pass in fp32 (exp2, running max and sum per row), reading V and
+  either K (no top-K) or the stored scores.  Mass: a last pass over the stored scores sums
+  exp(s - max) / sum over the rows of each slot.
 
 Mass: each program writes the mass its G*R rows gave each slot into a [B, Hkv, C] fp32 buffer
 (no atomics, deterministic); the host sums it over Hkv.
@@ -141,7 +145,7 @@ def _one_tile_kernel(
     ssp_b, ssp_c, srp_b, srp_r,
     so_b, so_h, so_r, so_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_TOPK: tl.constexpr, WANT_MASS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TOPK: tl.constexpr, WANT_MASS: tl.constexpr, DOT_PREC: tl.constexpr, TOPK_SORT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -154,10 +158,27 @@ def _one_tile_kernel(
         q, rpos, k_base, sp_base, 0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
     )
     if HAS_TOPK:
-        # Exact K-th largest score per row: sort the whole (masked) row, take column K-1.
-        srt = tl.sort(s, dim=1, descending=True)
-        sel = tl.arange(0, BLOCK_N)[None, :] == top_k - 1
-        kth = tl.sum(tl.where(sel, srt, 0.0), axis=1)  # -inf if fewer than K allowed keys
+        if TOPK_SORT:
+            # K-th largest score per row: sort the whole (masked) row, take column K-1.
+            srt = tl.sort(s, dim=1, descending=True)
+            sel = tl.arange(0, BLOCK_N)[None, :] == top_k - 1
+            kth = tl.sum(tl.where(sel, srt, 0.0), axis=1)  # -inf if fewer than K allowed keys
+        else:
+            # K-th largest score per row: binary search on the int32 keys of the tile in registers.
+            # Bracket [lo, hi) with count(key >= lo) >= K > count(key >= hi), from [min, max] of
+            # the allowed scores; every candidate is > key(-inf), so disallowed keys never count.
+            key = _f32_key(s)
+            cnt = tl.sum(ok.to(tl.int32), axis=1)
+            need = cnt >= top_k  # else the K-th largest is -inf: every allowed key is kept
+            smin = tl.min(tl.where(ok, s, float("inf")), axis=1)
+            lo = tl.where(need, _f32_key(smin), 0).to(tl.int64)
+            hi = tl.where(need, _f32_key(tl.max(s, axis=1)).to(tl.int64) + 1, 1)
+            while tl.max(hi - lo, axis=0) > 1:
+                mid = lo + (hi - lo) // 2
+                ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= top_k
+                lo = tl.where(ge, mid, lo)
+                hi = tl.where(ge, hi, mid)
+            kth = tl.where(need, _key_f32(lo.to(tl.int32)), float("-inf"))
         s = tl.where(s >= kth[:, None], s, float("-inf"))
     m = tl.max(s, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -173,8 +194,17 @@ def _one_tile_kernel(
 
 
 @triton.jit
+def _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers and mask of the [BLOCK_M, BLOCK_N] block at slot n0 of this program's [G*R, C] scores."""
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < G * R) & (cols[None, :] < C)
+    return scr_base + offs_m[:, None] * C + cols[None, :], mask
+
+
+@triton.jit
 def _blocked_kernel(
-    q_ptr, k_ptr, v_ptr, sp_ptr, rp_ptr, o_ptr, mass_ptr,
+    q_ptr, k_ptr, v_ptr, sp_ptr, rp_ptr, o_ptr, mass_ptr, scr_ptr,
     Hkv, G, R, C, D, top_k, scale,
     sq_b, sq_h, sq_r, sq_d,
     sk_b, sk_h, sk_c, sk_d,
@@ -182,7 +212,7 @@ def _blocked_kernel(
     ssp_b, ssp_c, srp_b, srp_r,
     so_b, so_h, so_r, so_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_TOPK: tl.constexpr, WANT_MASS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TOPK: tl.constexpr, WANT_MASS: tl.constexpr, DOT_PREC: tl.constexpr, SEARCH_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -192,10 +222,14 @@ def _blocked_kernel(
     k_base = k_ptr + b * sk_b + kvh * sk_h
     v_base = v_ptr + b * sv_b + kvh * sv_h
     sp_base = sp_ptr + b * ssp_b
+    # This program's fp32 scores [G*R, C] (-inf where not allowed), written once, when top-K or the
+    # mass need more than one pass: later passes read them back instead of recomputing Q K^T from
+    # the cache (4 bytes per row and slot instead of 2*D bytes of K per slot), bit-exactly.
+    scr_base = scr_ptr + (b * Hkv + kvh) * (G * R) * C
 
     thr = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if HAS_TOPK:
-        # Pass 1: number of allowed keys, their min and max score, per row.
+        # Pass 1: scores -> scratch; number of allowed keys, their min and max score, per row.
         cnt = tl.zeros([BLOCK_M], tl.int32)
         smax = tl.full([BLOCK_M], float("-inf"), tl.float32)
         smin = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -203,27 +237,29 @@ def _blocked_kernel(
             s, ok = _score_block(
                 q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
             )
+            ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, BLOCK_N)
+            tl.store(ptrs, s, mask=mask)
             cnt += tl.sum(ok.to(tl.int32), axis=1)
             smax = tl.maximum(smax, tl.max(s, axis=1))
             smin = tl.minimum(smin, tl.min(tl.where(ok, s, float("inf")), axis=1))
+        tl.debug_barrier()  # the scratch is read back by other threads of this program
         need = cnt >= top_k  # else the K-th largest is -inf: every allowed key is kept
         # Bracket [lo, hi) on int32 keys (held in int64): count(key >= lo) >= K > count(key >= hi).
+        # Every candidate is >= key(smin) > key(-inf), so disallowed (-inf) scores are never counted.
         lo = tl.where(need, _f32_key(smin), 0).to(tl.int64)
         hi = tl.where(need, _f32_key(smax).to(tl.int64) + 1, 1)
         width = hi - lo
         idx = tl.arange(0, 16)
         while tl.max(width, axis=0) > 1:
-            counts = tl.zeros([BLOCK_M, 16], tl.int32)
-            for n0 in range(0, C, BLOCK_N):
-                s, ok = _score_block(
-                    q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
-                )
-                key = _f32_key(s)
-                for i in tl.static_range(1, 16):
-                    cand = (lo + (width * i) // 16).to(tl.int32)
-                    n_i = tl.sum((ok & (key >= cand[:, None])).to(tl.int32), axis=1)
-                    counts += tl.where(idx[None, :] == i, n_i[:, None], 0)
-            cands = lo[:, None] + (width[:, None] * idx[None, :]) // 16
+            cands = lo[:, None] + (width[:, None] * idx[None, :]) // 16  # [M, 16], cands[:, 0] = lo
+            cands32 = cands.to(tl.int32)
+            # element-wise counters, reduced once per pass (no per-block cross-thread reductions)
+            acc = tl.zeros([BLOCK_M, SEARCH_N, 16], tl.int32)
+            for n0 in range(0, C, SEARCH_N):
+                ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, SEARCH_N)
+                key = _f32_key(tl.load(ptrs, mask=mask, other=float("-inf")))
+                acc += (key[:, :, None] >= cands32[:, None, :]).to(tl.int32)
+            counts = tl.sum(acc, axis=1)  # [M, 16]: count(key >= cands)
             ge = (counts >= top_k) & (idx[None, :] >= 1)
             lt = (counts < top_k) & (idx[None, :] >= 1)
             lo = tl.max(tl.where(ge, cands, lo[:, None]), axis=1)
@@ -236,11 +272,17 @@ def _blocked_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, C, BLOCK_N):
-        s, ok = _score_block(
-            q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
-        )
         if HAS_TOPK:
+            ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, BLOCK_N)
+            s = tl.load(ptrs, mask=mask, other=float("-inf"))
             s = tl.where(s >= thr[:, None], s, float("-inf"))
+        else:
+            s, ok = _score_block(
+                q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
+            )
+            if WANT_MASS:
+                ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, BLOCK_N)
+                tl.store(ptrs, s, mask=mask)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
@@ -253,12 +295,13 @@ def _blocked_kernel(
     _store_out(o_ptr, acc * inv[:, None], b, kvh, G, R, D, so_b, so_h, so_r, so_d, BLOCK_M, BLOCK_D)
 
     if WANT_MASS:
+        # Mass pass: normalised probabilities from the stored scores, summed over this program's rows.
+        tl.debug_barrier()
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         mass_base = mass_ptr + (b * Hkv + kvh) * C
         for n0 in range(0, C, BLOCK_N):
-            s, ok = _score_block(
-                q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
-            )
+            ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, BLOCK_N)
+            s = tl.load(ptrs, mask=mask, other=float("-inf"))
             if HAS_TOPK:
                 s = tl.where(s >= thr[:, None], s, float("-inf"))
             p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634) * inv[:, None]
@@ -318,11 +361,14 @@ def slot_attention_triton(
     *,
     block_n: int | None = None,
     max_one_tile: int | None = None,
+    topk_method: str = "search",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of `reference.slot_attention` (same arguments, semantics and results).
 
     block_n / max_one_tile (keyword-only, for tests and tuning) override `BLOCK_N` (slots per block of
-    the blocked kernel, a power of two >= 16) and `MAX_ONE_TILE` (largest C for the one-tile kernel).
+    the blocked kernel, a power of two >= 16) and `MAX_ONE_TILE` (largest C for the one-tile kernel);
+    topk_method picks the one-tile kernel's top-K threshold: "search" (binary search on the score
+    bits, default) or "sort" (`tl.sort` of the score row).  Both are exact.
     """
     _check(q, k_cache, v_cache, slot_pos, row_pos, top_k)
     B, Hq, R, D = q.shape
@@ -340,23 +386,35 @@ def slot_attention_triton(
     block_m = max(16, triton.next_power_of_2(G * R))
     block_d = max(16, triton.next_power_of_2(D))
     mass_part = torch.empty((B, Hkv, C), dtype=torch.float32, device=dev) if want_mass else out
+    extra = ()
     if C <= max_one_tile:
         kernel, block = _one_tile_kernel, max(16, triton.next_power_of_2(C))
     else:
         kernel, block = _blocked_kernel, BLOCK_N if block_n is None else block_n
         if block < 16 or block & (block - 1):
             raise ValueError(f"slot_attention_triton: block_n must be a power of two >= 16, got {block}")
+        # fp32 score scratch [B, Hkv, G*R, C] for the passes after the first (top-K search, mass)
+        scratch = has_topk or want_mass
+        extra = (torch.empty((B, Hkv, G * R, C) if scratch else 1, dtype=torch.float32, device=dev),)
+    if kernel is _blocked_kernel:
+        extra_meta = dict(SEARCH_N=max(1, min(64, 8192 // (16 * block_m))))
+    else:
+        if topk_method not in ("search", "sort"):
+            raise ValueError(
+                f"slot_attention_triton: topk_method must be 'search' or 'sort', got {topk_method!r}"
+            )
+        extra_meta = dict(TOPK_SORT=topk_method == "sort")
     work = block_m * max(block, block_d)
     num_warps = 8 if work >= 128 * 128 or (kernel is _one_tile_kernel and work >= 64 * 128) else 4
     kernel[(B, Hkv)](
-        q, k_cache, v_cache, slot_pos, row_pos, out, mass_part,
+        q, k_cache, v_cache, slot_pos, row_pos, out, mass_part, *extra,
         Hkv, G, R, C, D, int(top_k) if has_topk else 0, scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *slot_pos.stride(), *row_pos.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block, BLOCK_D=block_d,
         HAS_TOPK=has_topk, WANT_MASS=want_mass,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
+        num_warps=num_warps, **extra_meta,
     )  # fmt: skip
     mass = mass_part.sum(dim=1) if want_mass else None
     return out, mass

@@ -50,7 +50,7 @@ class AdorePolicy(Policy):
         if self.controller is not None:
             s = self.controller.score(query, feat_at[:n, :P], dist)
         else:  # the no-controller prior: sinks, then recency
-            s = (-dist).float() + BIG * (pos[None, :] < self.cfg.sink_tokens)
+            s = (-dist).double() + BIG * (pos[None, :] < self.cfg.sink_tokens)
         return s.masked_fill(dist < 0, float("-inf"))
 
     def keep_scores(self, view: SlotView):

@@ -15,7 +15,9 @@ import torch
 
 from ..config import AdoreConfig
 
-BIG = 1e9  # score offset that puts a protected class of tokens above every unprotected one
+# Score offset that puts a protected class of tokens above every unprotected one. Scores are float64:
+# in float32, 1e9 + 12 == 1e9 and protected tokens would tie.
+BIG = 1e12
 
 
 @dataclass

@@ -13,4 +13,4 @@ class FullPolicy(Policy):
     bounded = False
 
     def keep_scores(self, view: SlotView):
-        return view.pos.float()
+        return view.pos.double()

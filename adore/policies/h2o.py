@@ -18,4 +18,4 @@ class H2OPolicy(Policy):
 
     def keep_scores(self, view: SlotView):
         local = recent(view, max(1, int(self.cfg.cache_size * self.cfg.recent_frac)))
-        return view.mass + BIG * local
+        return view.mass.double() + BIG * local

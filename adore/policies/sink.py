@@ -12,4 +12,4 @@ class SinkPolicy(Policy):
     name = "sink"
 
     def keep_scores(self, view: SlotView):
-        return view.pos.float() + BIG * (view.pos < self.cfg.sink_tokens)
+        return view.pos.double() + BIG * (view.pos < self.cfg.sink_tokens)

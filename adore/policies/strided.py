@@ -17,4 +17,4 @@ class StridedPolicy(Policy):
     def keep_scores(self, view: SlotView):
         local = recent(view, max(1, int(self.cfg.cache_size * self.cfg.recent_frac)))
         on_stride = view.pos % self.cfg.stride == 0
-        return view.pos.float() + BIG * on_stride + 2 * BIG * local
+        return view.pos.double() + BIG * on_stride + 2 * BIG * local

@@ -12,4 +12,4 @@ class WindowPolicy(Policy):
     name = "window"
 
     def keep_scores(self, view: SlotView):
-        return view.pos.float()
+        return view.pos.double()

@@ -1,0 +1,117 @@
+"""Engine behaviour: continuous batching, sampling, stopping, aborts, input errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from adore import AdoreConfig, SamplingParams, UserError
+from adore.engine import Engine
+from adore.policies import make_policy
+
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 25, 1)]
+
+
+@pytest.mark.parametrize("name,mode", [("full", "promote"), ("window", "promote"), ("h2o", "promote"),
+                                       ("strided", "promote"), ("adore", "every"), ("adore", "promote")])
+def test_batch_with_joins_equals_alone(tiny_gqa, name, mode):
+    """6 prompts of different lengths through 3 rows: sequences join as others finish (different
+    max_tokens), and every one decodes exactly as it does alone."""
+    model, tok = tiny_gqa
+    cfg = AdoreConfig(cache_size=16, top_k=8, rebuild=4, rebuild_mode=mode)
+    lengths = [30, 12, 45, 20, 8, 33]
+    alone = []
+    for p, n in zip(PROMPTS, lengths):
+        eng = Engine(model, tok, make_policy(name, cfg), max_batch=1, max_seq_len=128)
+        alone.append(eng.generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids)
+    eng = Engine(model, tok, make_policy(name, cfg), max_batch=3, max_seq_len=128)
+    batch_sizes = []
+    outs = eng.generate(PROMPTS, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths],
+                        progress=lambda _: batch_sizes.append(eng.n_active))
+    assert [o.token_ids for o in outs] == alone
+    assert max(batch_sizes) == 3  # they really shared steps
+
+
+def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128)
+    p = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    a, b, c = eng.generate([PROMPTS[1]] * 3, [p, p, SamplingParams(max_tokens=20, temperature=1.0,
+                                                                     seed=8, ignore_eos=True)])
+    assert a.token_ids == b.token_ids != c.token_ids
+    greedy = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    tiny_p = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6,
+                                                       seed=1, ignore_eos=True))[0]
+    assert tiny_p.token_ids == greedy.token_ids
+
+
+def test_stop_strings_and_eos(smollm2):
+    model, tok = smollm2
+    eng = Engine(model, tok, make_policy("full"), max_batch=2, max_seq_len=256)
+    prompt = "Mr. Woodhouse was fond of every body that he was used to, and"
+    free = eng.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    text = free.text
+    stop = text[12:16]
+    assert stop.strip() and len(text) > 20
+    out = eng.generate([prompt], SamplingParams(max_tokens=30, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    # a stop token id ends generation; the token is not shown as text
+    eos = free.token_ids[5]
+    out = eng.generate([prompt], SamplingParams(max_tokens=30, stop_token_ids=[eos]))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos
+    assert len(out.token_ids) == free.token_ids.index(eos) + 1
+
+
+def test_streamed_text_equals_final_text(smollm2):
+    model, tok = smollm2
+    eng = Engine(model, tok, make_policy("window", AdoreConfig(cache_size=32)), max_batch=1,
+                 max_seq_len=256)
+    rid = eng.add_request("Émile wrote: « naïve café » — 東京", SamplingParams(max_tokens=40, ignore_eos=True))
+    pieces = []
+    while eng.has_work():
+        pieces += [o.text for o in eng.step()]
+    assert "".join(pieces) == eng.result(rid).text
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_abort_frees_the_row(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, make_policy("adore"), max_batch=2, max_seq_len=128)
+    a = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True))
+    c = eng.add_request(PROMPTS[2], SamplingParams(max_tokens=5, ignore_eos=True))
+    eng.step()
+    assert eng.n_active == 2 and list(eng.waiting) == [c]
+    assert eng.abort(a)
+    assert eng.n_active == 1 and eng.rows == [b]
+    eng.step()
+    assert eng.n_active == 2  # c took the freed row
+    assert not eng.abort("nope")
+
+
+def test_bad_requests_are_user_errors(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, make_policy("full"), max_batch=1, max_seq_len=64)
+    for bad in ([], "", [10**6], [-1]):
+        with pytest.raises(UserError):
+            eng.add_request(bad, SamplingParams(max_tokens=4))
+    with pytest.raises(UserError):
+        eng.add_request(PROMPTS[0], SamplingParams(max_tokens=100))  # over max_seq_len
+    for kw in ({"max_tokens": -1}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(UserError):
+            SamplingParams(**kw)
+    for kw in ({"cache_size": 0}, {"top_k": 0}, {"rebuild": -1}, {"rebuild_mode": "sometimes"}):
+        with pytest.raises(UserError):
+            AdoreConfig(**kw)
+    with pytest.raises(UserError):
+        make_policy("nope")
+    assert not eng.has_work()
+
+
+def test_max_tokens_zero_and_one(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, make_policy("adore"), max_batch=2, max_seq_len=64)
+    zero, one = eng.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(max_tokens=0),
+                                                         SamplingParams(max_tokens=1, ignore_eos=True)])
+    assert zero.token_ids == [] and zero.finish_reason == "length"
+    assert len(one.token_ids) == 1 and one.finish_reason == "length"

@@ -1,0 +1,65 @@
+"""With a budget at least the sequence length, every policy is full attention: same greedy tokens as
+transformers' generate(), and logits within 1e-4 (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adore import AdoreConfig, SamplingParams
+from adore.engine import Engine
+from adore.policies import make_policy, policy_names
+
+
+def engine_logits(model, tok, policy, prompt, n):
+    """Greedy-decode n tokens; return (tokens, logits [n, V]) captured at the lm_head."""
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        eng = Engine(model, tok, policy, max_batch=2, max_seq_len=len(prompt) + n + 1)
+        out = eng.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    finally:
+        hook.remove()
+    return out.token_ids, torch.cat(seen, 0)
+
+
+def hf_reference(model, prompt, n):
+    ids = torch.tensor([prompt])
+    gen = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(gen).logits[0, len(prompt) - 1 : len(prompt) - 1 + n]
+    return gen[0, len(prompt) :].tolist(), logits
+
+
+def check_all_policies(model, tok, prompt, n):
+    ref_tokens, ref_logits = hf_reference(model, prompt, n)
+    budget = len(prompt) + n + 1  # at least the sequence length, and K covers every key
+    cfg = AdoreConfig(cache_size=budget, top_k=budget, rebuild=8)
+    for name in policy_names():
+        for mode in ("every", "promote"):
+            if mode == "every" and not name.startswith("adore"):
+                continue
+            cfg.rebuild_mode = mode
+            tokens, logits = engine_logits(model, tok, make_policy(name, cfg), prompt, n)
+            assert tokens == ref_tokens, f"{name}/{mode}: tokens differ from full attention"
+            err = (logits - ref_logits).abs().max().item()
+            assert err < 1e-4, f"{name}/{mode}: max logit error {err}"
+
+
+def test_tiny_mha(tiny):
+    model, tok = tiny
+    assert model.config.num_key_value_heads == model.config.num_attention_heads
+    check_all_policies(model, tok, list(range(3, 40)), 24)
+
+
+def test_tiny_gqa(tiny_gqa):
+    model, tok = tiny_gqa
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    check_all_policies(model, tok, list(range(3, 29)), 24)
+
+
+@pytest.mark.slow
+def test_smollm2(smollm2):
+    model, tok = smollm2
+    prompt = tok.encode("It is a truth universally acknowledged, that a single man in possession")
+    check_all_policies(model, tok, prompt, 12)

@@ -49,6 +49,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
     g.add_argument("--controller", default=None, help="controller checkpoint (.safetensors); default: "
                    "the one shipped for the model, else a fresh one")
+    g.add_argument("--adapter", default=None, help="LoRA adapter directory from `adore finetune`")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-seq-len", type=int, default=None, help="engine context capacity")
@@ -72,6 +73,12 @@ def load_parts(args):
             raise UserError(f"cannot load controller {args.controller}: {e}") from None
     policy = make_policy(args.policy, cfg, controller)  # validates the name before the slow load
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if getattr(args, "adapter", None):
+        from .train.finetune import apply_adapter
+
+        if not os.path.isdir(args.adapter):
+            raise UserError(f"adapter directory not found: {args.adapter}")
+        model = apply_adapter(model, args.adapter)
     return model, tok, policy
 
 
@@ -182,6 +189,9 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_ppl)
 
+    from .train.cli import register as register_train
+
+    register_train(sub)
     for ep in entry_points(group="adore.commands"):
         try:
             ep.load()(sub)

@@ -197,9 +197,10 @@ class Engine:
             c.mass[row, :n] = mass[0, keep]
         self.stats["prefill_tokens"] += P
         self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
-        logits = self.lm_head(hidden[0, -1:])[0]
+        logits = self.lm_head(hidden[0, -1:])
         req.next_pos = P
-        self._emit(req, logits, outs)
+        (tok,), (lp,) = self._choose([req], logits)
+        self._emit(req, tok, lp, outs)
         if req.finish_reason is not None:
             self._free_rows([self.rows.index(req.rid)])
 
@@ -274,23 +275,37 @@ class Engine:
 
         # 5. next tokens
         done = []
+        toks, lps = self._choose(reqs, logits)
         for i, req in enumerate(reqs):
             req.next_pos += 1
-            self._emit(req, logits[i], outs)
+            self._emit(req, toks[i], lps[i], outs)
             if req.finish_reason is not None:
                 done.append(i)
         self._free_rows(done)
 
     # -- tokens out ------------------------------------------------------------------------------
-    def _emit(self, req: _Request, logits: torch.Tensor, outs: list[StepOutput]) -> None:
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Next token and its log-probability for each request: logits [n, V].
+
+        Greedy and forced rows are decided in one batched op and cross to the host once (a per-row
+        `.item()` would cost one device sync per sequence)."""
+        n = len(reqs)
+        tok = torch.argmax(logits, dim=-1)
+        forced = [i for i, r in enumerate(reqs) if r.params.forced_tokens is not None]
+        if forced:
+            tok[forced] = torch.tensor([reqs[i].params.forced_tokens[len(reqs[i].out)] for i in forced],
+                                       device=tok.device)
+        for i, r in enumerate(reqs):  # sampled rows: each with its own seeded generator
+            if r.params.forced_tokens is None and r.params.temperature > 0:
+                tok[i] = pick_token(logits[i], r.params.temperature, r.params.top_p, r.gen)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
+        both = torch.stack([tok.double(), logp.double()]).cpu()  # the step's one host transfer
+        return [int(t) for t in both[0, :n]], both[1, :n].tolist()
+
+    def _emit(self, req: _Request, tok: int, logprob: float, outs: list[StepOutput]) -> None:
         p = req.params
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        if p.forced_tokens is not None:
-            tok = p.forced_tokens[len(req.out)]
-        else:
-            tok = pick_token(logits, p.temperature, p.top_p, req.gen)
         req.out.append(tok)
-        req.logprobs.append(float(logp[tok]))
+        req.logprobs.append(logprob)
         stop_ids = set(p.stop_token_ids) if p.stop_token_ids is not None else self.eos_ids
         reason = None
         if p.forced_tokens is None and not p.ignore_eos and tok in stop_ids:
@@ -302,7 +317,7 @@ class Engine:
         if reason is None and len(req.out) >= p.max_tokens:
             reason, text = "length", text + req.detok.flush()
         req.finish_reason = reason
-        outs.append(StepOutput(req.rid, tok, text, reason is not None, reason, req.logprobs[-1]))
+        outs.append(StepOutput(req.rid, tok, text, reason is not None, reason, logprob))
 
     def _finish(self, req: _Request, reason: str, outs: list[StepOutput]) -> None:
         req.finish_reason = reason

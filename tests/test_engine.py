@@ -66,7 +66,8 @@ def test_streamed_text_equals_final_text(smollm2):
     model, tok = smollm2
     eng = Engine(model, tok, make_policy("window", AdoreConfig(cache_size=32)), max_batch=1,
                  max_seq_len=256)
-    rid = eng.add_request("Émile wrote: « naïve café » — 東京", SamplingParams(max_tokens=40, ignore_eos=True))
+    rid = eng.add_request("Émile wrote: « naïve café » — 東京",
+                          SamplingParams(max_tokens=40, ignore_eos=True))
     pieces = []
     while eng.has_work():
         pieces += [o.text for o in eng.step()]

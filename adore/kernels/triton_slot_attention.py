@@ -10,35 +10,40 @@ inputs feed the tensor cores directly and P is cast to V's dtype for the P@V pro
 reference.  All tensors are addressed through their strides, so a view `k[:, :, :n_used]` of a
 larger [B, Hkv, Cmax, D] cache is read in place (nothing is copied).
 
-Two kernels, chosen by C (the number of slots):
+Two paths, chosen by C (the number of slots):
 
-* C <= `MAX_ONE_TILE` (256, the bounded-cache case): `_one_tile_kernel` loads the whole [M, C]
-  score tile at once.  top-K: the tile (disallowed keys at -inf) is sorted per row with `tl.sort`
-  (bitonic, descending) and the K-th column is the threshold -- exact, ties are kept because the
-  mask is `score >= threshold`.  Softmax is a plain (not online) softmax over the tile, and the
-  mass is the column sum of the normalised P tile.
-* C > `MAX_ONE_TILE` (full attention): `_blocked_kernel` loops over the slots in BLOCK_N blocks.
-  When top-K or the mass needs more than one pass, the first pass that computes Q K^T also writes
-  the fp32 scores (-inf where not allowed) to a scratch buffer [B, Hkv, G*R, C]; later passes read
-  them back (4 bytes per row and slot instead of 2*D bytes of K per slot, and bit-identical, so the
-  top-K threshold compares exactly with the scores it is applied to).
-  top-K: exact radix-16 search on the fp32 score *bits*.  Each fp32 score is mapped to a signed
-  int32 key that orders like the float (`bits if bits >= 0 else bits ^ 0x7FFFFFFF`).  The first
-  pass counts the allowed keys and finds their min and max per row; then each search pass counts,
-  for 15 candidate keys evenly spaced in the row's current bracket [lo, hi), how many keys are >=
-  the candidate, and shrinks the bracket 16-fold, keeping count(key >= lo) >= K > count(key >= hi).
-  It stops when hi == lo + 1 for every row (about 8 passes for the 2^32 key range, fewer when the
-  scores span a narrow range), and lo is then exactly the key of the K-th largest allowed score,
-  converted back to its float.  Rows with fewer than K allowed keys keep them all (the K-th
-  largest of the reference is then -inf).  The mask is `score >= threshold`, so ties are kept.
-  Attention: one online-softmax pass in fp32 (exp2, running max and sum per row), reading V and
-  either K (no top-K) or the stored scores.  Mass: a last pass over the stored scores sums
-  exp(s - max) / sum over the rows of each slot.
+* C <= `MAX_ONE_TILE` (256, the bounded-cache case): `_one_tile_kernel` computes the whole [M, C]
+  score tile at once (BLOCK_N = next_pow2(C)), a plain softmax over it, P@V, and the mass as the
+  column sums of the normalised P tile -- one pass over K and V.
+  top-K (`_kth_largest`): each fp32 score is mapped to a signed int32 key that orders like the
+  float (`bits if bits >= 0 else bits ^ 0x7FFFFFFF`), and a binary search on the key, in registers,
+  keeps a bracket [lo, hi) with count(key >= lo) >= K > count(key >= hi), starting from the min and
+  max allowed score; at hi == lo + 1, lo is exactly the key of the K-th largest allowed score (at
+  most 32 steps of one compare + row count).  Rows with fewer than K allowed keys keep them all (the
+  reference's K-th largest is then -inf).  The mask is `score >= threshold`, so ties are kept.
+  `topk_method="sort"` uses `tl.sort` of the row instead (also exact; 3-4x slower on an H100).
+* C > `MAX_ONE_TILE` (full attention): `_blocked_kernel` loops over the slots in BLOCK_N (64)
+  blocks with an online softmax in fp32 (exp2, running max and sum per row).  When top-K or the mass
+  needs more than one pass over the scores, they are written once in fp32 (-inf where not allowed)
+  to a scratch buffer [B, Hkv, G*R, C] and later passes read them back (4 bytes per row and slot
+  instead of 2*D bytes of K per slot, and bit-identical, so the threshold compares exactly).
+  top-K, C <= `ROW_SEARCH_MAX` (16384): three launches -- `_scores_kernel` (grid (B, Hkv)) writes
+  the scores, `_row_kth_kernel` (one program per score row, the whole row in registers) finds each
+  row's threshold with `_kth_largest`, and `_blocked_kernel` runs the attention pass over the stored
+  scores and V.  top-K, larger C: one launch; the first pass writes the scores and the row stats,
+  then an exact radix-16 search on the same int32 keys narrows [lo, hi) 16-fold per pass over the
+  stored scores (15 candidates counted with element-wise counters, about 8 passes).
+  Mass: a last pass over the stored scores sums exp(s - max) / sum over the rows of each slot.
 
-Mass: each program writes the mass its G*R rows gave each slot into a [B, Hkv, C] fp32 buffer
-(no atomics, deterministic); the host sums it over Hkv.
+Mass output: each (b, kv-head) program writes the mass its G*R rows gave each slot into a
+[B, Hkv, C] fp32 buffer (no atomics, deterministic); the host sums it over Hkv.
 
 Rows with no allowed key (padded rows, row_pos = -1) produce zeros and give no mass.
+
+Numerics vs the reference: with fp16/bf16 inputs the reference's `torch.matmul` rounds Q K^T to
+the input dtype before the top-K, while the kernel keeps the fp32 scores; the kernel matches the
+reference run on fp32-upcast inputs, and may pick a different key than the fp16/bf16 reference
+where two scores tie only after that rounding.
 """
 
 from __future__ import annotations
@@ -47,14 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["slot_attention_triton", "MAX_ONE_TILE", "BLOCK_N"]
+__all__ = ["slot_attention_triton", "MAX_ONE_TILE", "BLOCK_N", "ROW_SEARCH_MAX"]
 
 MAX_ONE_TILE = 256  # largest C handled by the single-tile kernel (whole score row in registers)
 BLOCK_N = 64  # slots per block in the blocked kernel
+ROW_SEARCH_MAX = 16384  # blocked kernel: largest C for the one-program-per-row top-K threshold
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -136,6 +141,25 @@ def _key_f32(key):
 
 
 @triton.jit
+def _kth_largest(s, ok, top_k):
+    """K-th largest of each row of s [M, N] (fp32, -inf where not ok), or -inf where a row has fewer
+    than K allowed keys.  Exact: binary search on the int32 keys, all in registers.  The bracket
+    [lo, hi) keeps count(key >= lo) >= K > count(key >= hi), starting from [min, max] of the allowed
+    scores; every candidate is > key(-inf), so disallowed keys are never counted."""
+    key = _f32_key(s)
+    need = tl.sum(ok.to(tl.int32), axis=1) >= top_k
+    smin = tl.min(tl.where(ok, s, float("inf")), axis=1)
+    lo = tl.where(need, _f32_key(smin), 0).to(tl.int64)
+    hi = tl.where(need, _f32_key(tl.max(s, axis=1)).to(tl.int64) + 1, 1)
+    while tl.max(hi - lo, axis=0) > 1:
+        mid = lo + (hi - lo) // 2
+        ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= top_k
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid)
+    return tl.where(need, _key_f32(lo.to(tl.int32)), float("-inf"))
+
+
+@triton.jit
 def _one_tile_kernel(
     q_ptr, k_ptr, v_ptr, sp_ptr, rp_ptr, o_ptr, mass_ptr,
     Hkv, G, R, C, D, top_k, scale,
@@ -164,21 +188,7 @@ def _one_tile_kernel(
             sel = tl.arange(0, BLOCK_N)[None, :] == top_k - 1
             kth = tl.sum(tl.where(sel, srt, 0.0), axis=1)  # -inf if fewer than K allowed keys
         else:
-            # K-th largest score per row: binary search on the int32 keys of the tile in registers.
-            # Bracket [lo, hi) with count(key >= lo) >= K > count(key >= hi), from [min, max] of
-            # the allowed scores; every candidate is > key(-inf), so disallowed keys never count.
-            key = _f32_key(s)
-            cnt = tl.sum(ok.to(tl.int32), axis=1)
-            need = cnt >= top_k  # else the K-th largest is -inf: every allowed key is kept
-            smin = tl.min(tl.where(ok, s, float("inf")), axis=1)
-            lo = tl.where(need, _f32_key(smin), 0).to(tl.int64)
-            hi = tl.where(need, _f32_key(tl.max(s, axis=1)).to(tl.int64) + 1, 1)
-            while tl.max(hi - lo, axis=0) > 1:
-                mid = lo + (hi - lo) // 2
-                ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= top_k
-                lo = tl.where(ge, mid, lo)
-                hi = tl.where(ge, hi, mid)
-            kth = tl.where(need, _key_f32(lo.to(tl.int32)), float("-inf"))
+            kth = _kth_largest(s, ok, top_k)
         s = tl.where(s >= kth[:, None], s, float("-inf"))
     m = tl.max(s, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -203,8 +213,44 @@ def _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _scores_kernel(
+    q_ptr, k_ptr, sp_ptr, rp_ptr, scr_ptr,
+    Hkv, G, R, C, D, scale,
+    sq_b, sq_h, sq_r, sq_d,
+    sk_b, sk_h, sk_c, sk_d,
+    ssp_b, ssp_c, srp_b, srp_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Scores of every (b, kv-head) program -> scratch [B, Hkv, G*R, C] (-inf where not allowed)."""
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    q, rpos = _load_rows(
+        q_ptr, rp_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_r, sq_d, srp_b, srp_r, BLOCK_M, BLOCK_D
+    )
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    sp_base = sp_ptr + b * ssp_b
+    scr_base = scr_ptr + (b * Hkv + kvh) * (G * R) * C
+    for n0 in range(0, C, BLOCK_N):
+        s, ok = _score_block(
+            q, rpos, k_base, sp_base, n0, C, D, scale, sk_c, sk_d, ssp_c, BLOCK_N, BLOCK_D, DOT_PREC
+        )
+        ptrs, mask = _scr_ptrs(scr_base, n0, C, G, R, BLOCK_M, BLOCK_N)
+        tl.store(ptrs, s, mask=mask)
+
+
+@triton.jit
+def _row_kth_kernel(scr_ptr, thr_ptr, C, top_k, CP: tl.constexpr):
+    """One program per score row: the whole row [C] in registers, its K-th largest -> thr_ptr."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CP)
+    s = tl.load(scr_ptr + row * C + cols[None, :], mask=cols[None, :] < C, other=float("-inf"))
+    kth = _kth_largest(s, s > float("-inf"), top_k)  # [1]
+    tl.store(thr_ptr + row + tl.arange(0, 1), kth)
+
+
+@triton.jit
 def _blocked_kernel(
-    q_ptr, k_ptr, v_ptr, sp_ptr, rp_ptr, o_ptr, mass_ptr, scr_ptr,
+    q_ptr, k_ptr, v_ptr, sp_ptr, rp_ptr, o_ptr, mass_ptr, scr_ptr, thr_ptr,
     Hkv, G, R, C, D, top_k, scale,
     sq_b, sq_h, sq_r, sq_d,
     sk_b, sk_h, sk_c, sk_d,
@@ -213,6 +259,7 @@ def _blocked_kernel(
     so_b, so_h, so_r, so_d,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_TOPK: tl.constexpr, WANT_MASS: tl.constexpr, DOT_PREC: tl.constexpr, SEARCH_N: tl.constexpr,
+    THR_FROM_PTR: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -228,7 +275,12 @@ def _blocked_kernel(
     scr_base = scr_ptr + (b * Hkv + kvh) * (G * R) * C
 
     thr = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if HAS_TOPK:
+    if THR_FROM_PTR:
+        # scores and thresholds were computed by `_scores_kernel` and `_row_kth_kernel`
+        offs_m = tl.arange(0, BLOCK_M)
+        thr_base = thr_ptr + (b * Hkv + kvh) * (G * R)
+        thr = tl.load(thr_base + offs_m, mask=offs_m < G * R, other=float("-inf"))
+    elif HAS_TOPK:
         # Pass 1: scores -> scratch; number of allowed keys, their min and max score, per row.
         cnt = tl.zeros([BLOCK_M], tl.int32)
         smax = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -309,6 +361,10 @@ def _blocked_kernel(
             tl.store(mass_base + cols, tl.sum(p, axis=0), mask=cols < C)
 
 
+# TRITON_INTERPRET=1 at import time makes @triton.jit kernels interpreted (CPU tensors allowed).
+_INTERPRETED = type(_one_tile_kernel).__name__ == "InterpretedFunction"
+
+
 def _check(q, k_cache, v_cache, slot_pos, row_pos, top_k):
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -362,15 +418,26 @@ def slot_attention_triton(
     block_n: int | None = None,
     max_one_tile: int | None = None,
     topk_method: str = "search",
+    row_search_max: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of `reference.slot_attention` (same arguments, semantics and results).
 
     block_n / max_one_tile (keyword-only, for tests and tuning) override `BLOCK_N` (slots per block of
     the blocked kernel, a power of two >= 16) and `MAX_ONE_TILE` (largest C for the one-tile kernel);
     topk_method picks the one-tile kernel's top-K threshold: "search" (binary search on the score
-    bits, default) or "sort" (`tl.sort` of the score row).  Both are exact.
+    bits, default) or "sort" (`tl.sort` of the score row).  Both are exact.  row_search_max overrides
+    `ROW_SEARCH_MAX` (largest C whose top-K threshold is found by one program per score row).
     """
     _check(q, k_cache, v_cache, slot_pos, row_pos, top_k)
+    if topk_method not in ("search", "sort"):
+        raise ValueError(
+            f"slot_attention_triton: topk_method must be 'search' or 'sort', got {topk_method!r}"
+        )
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(
+            f"slot_attention_triton: tensors are on {q.device}; Triton needs CUDA tensors here "
+            "(CPU works only with TRITON_INTERPRET=1 set before this module is imported)"
+        )
     B, Hq, R, D = q.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -386,6 +453,7 @@ def slot_attention_triton(
     block_m = max(16, triton.next_power_of_2(G * R))
     block_d = max(16, triton.next_power_of_2(D))
     mass_part = torch.empty((B, Hkv, C), dtype=torch.float32, device=dev) if want_mass else out
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: no TF32 rounding
     extra = ()
     if C <= max_one_tile:
         kernel, block = _one_tile_kernel, max(16, triton.next_power_of_2(C))
@@ -395,14 +463,27 @@ def slot_attention_triton(
             raise ValueError(f"slot_attention_triton: block_n must be a power of two >= 16, got {block}")
         # fp32 score scratch [B, Hkv, G*R, C] for the passes after the first (top-K search, mass)
         scratch = has_topk or want_mass
-        extra = (torch.empty((B, Hkv, G * R, C) if scratch else 1, dtype=torch.float32, device=dev),)
-    if kernel is _blocked_kernel:
-        extra_meta = dict(SEARCH_N=max(1, min(64, 8192 // (16 * block_m))))
-    else:
-        if topk_method not in ("search", "sort"):
-            raise ValueError(
-                f"slot_attention_triton: topk_method must be 'search' or 'sort', got {topk_method!r}"
+        scr = torch.empty((B, Hkv, G * R, C) if scratch else 1, dtype=torch.float32, device=dev)
+        row_search_max = ROW_SEARCH_MAX if row_search_max is None else row_search_max
+        thr_from_ptr = has_topk and C <= row_search_max
+        thr = scr
+        if thr_from_ptr:  # three launches: scores, per-row K-th largest, attention
+            thr = torch.empty((B * Hkv * G * R,), dtype=torch.float32, device=dev)
+            _scores_kernel[(B, Hkv)](
+                q, k_cache, slot_pos, row_pos, scr,
+                Hkv, G, R, C, D, scale,
+                *q.stride(), *k_cache.stride(), *slot_pos.stride(), *row_pos.stride(),
+                BLOCK_M=block_m, BLOCK_N=block, BLOCK_D=block_d, DOT_PREC=dot_prec,
+                num_warps=8 if block_m * max(block, block_d) >= 128 * 128 else 4,
+            )  # fmt: skip
+            cp = triton.next_power_of_2(C)
+            _row_kth_kernel[(B * Hkv * G * R,)](
+                scr, thr, C, int(top_k), CP=cp, num_warps=4 if cp <= 4096 else 8
             )
+        extra = (scr, thr)
+    if kernel is _blocked_kernel:
+        extra_meta = dict(SEARCH_N=max(1, min(64, 8192 // (16 * block_m))), THR_FROM_PTR=thr_from_ptr)
+    else:
         extra_meta = dict(TOPK_SORT=topk_method == "sort")
     work = block_m * max(block, block_d)
     num_warps = 8 if work >= 128 * 128 or (kernel is _one_tile_kernel and work >= 64 * 128) else 4
@@ -413,7 +494,7 @@ def slot_attention_triton(
         *slot_pos.stride(), *row_pos.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block, BLOCK_D=block_d,
         HAS_TOPK=has_topk, WANT_MASS=want_mass,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC=dot_prec,
         num_warps=num_warps, **extra_meta,
     )  # fmt: skip
     mass = mass_part.sum(dim=1) if want_mass else None

@@ -1,0 +1,1 @@
+"""Training: attention labels, the controller, and QLoRA fine-tuning for top-K attention."""

@@ -1,0 +1,161 @@
+"""Stage 1: QLoRA fine-tuning with top-K attention, so the model tolerates sparse attention.
+
+The base model's Linear layers become bitsandbytes nf4 `Linear4bit` (frozen), LoRA adapters (peft) are
+trained on them, and every attention row keeps only its top-K keys per head during training (the
+same rule as the engine's slot attention: scores below the K-th largest allowed one are masked, ties
+kept). The adapter is saved with peft (`adapter_model.safetensors` + `adapter_config.json`) plus
+`adore_finetune.json`; `apply_adapter` merges it into a loaded model's weights, so the engine, which
+calls q_proj/k_proj/... directly, runs the adapted model unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+ATTN_NAME = "adore_topk"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    top_k: int | None = 96  # keys per query row in training (None: dense)
+    seq_len: int = 512
+    steps: int = 200
+    batch: int = 1
+    lr: float = 2e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    quantize: bool = True  # nf4 base (QLoRA); False: LoRA on the full-precision base
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    seed: int = 0
+
+
+def topk_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
+    """Causal attention keeping each row's top-K keys per head (transformers attention interface).
+
+    query [B, Hq, T, D], key/value [B, Hkv, S, D] -> (out [B, T, Hq, D], weights [B, Hq, T, S]).
+    The padding mask is ignored: training sequences are unpadded."""
+    G = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(G, 1)
+    v = value.repeat_interleave(G, 1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    s = torch.matmul(query, k.transpose(-1, -2)).float() * scaling
+    T, S = s.shape[-2:]
+    future = torch.arange(S, device=s.device)[None, :] > torch.arange(S - T, S, device=s.device)[:, None]
+    s = s.masked_fill(future, float("-inf"))
+    K = module.config.adore_top_k if hasattr(module, "config") else None
+    if K is not None and K < S:
+        kth = s.topk(K, dim=-1).values[..., -1:].detach()
+        s = s.masked_fill(s < kth, float("-inf"))
+    p = torch.softmax(s, -1).to(query.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, topk_attention)
+    try:  # the mask builder for our name: the same as sdpa's (we build our own causal mask anyway)
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    except Exception:
+        pass
+
+
+def set_topk_attention(model, top_k: int | None) -> None:
+    """Route the model's attention through `topk_attention` with K = top_k (None: dense causal)."""
+    _register()
+    model.config.adore_top_k = top_k
+    model.set_attn_implementation(ATTN_NAME)
+
+
+def quantize_nf4(model) -> None:
+    """Replace every decoder Linear (not the LM head or embeddings) by a frozen bnb nf4 Linear4bit."""
+    import bitsandbytes as bnb
+
+    for _, mod in list(model.model.layers.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(mod, cname, q.to(child.weight.device))
+
+
+def make_lora(model, cfg: FinetuneConfig):
+    """The trainable peft model: nf4 base (if cfg.quantize) + LoRA on cfg.targets, top-K attention."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.quantize:
+        quantize_nf4(model)
+    set_topk_attention(model, cfg.top_k)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, lcfg)
+
+
+def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str | None = None,
+             progress: bool = True, meta: dict | None = None):
+    """Train LoRA on token sequences seqs ([seq_len] each) with next-token loss under top-K attention.
+    Returns (peft model, report); saves the adapter to out_dir if given."""
+    torch.manual_seed(cfg.seed)
+    pm = make_lora(model, cfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    data = torch.stack(seqs)
+    dev = next(pm.parameters()).device
+    losses, t0 = [], time.time()
+    pm.train()
+    bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress)
+    for _ in bar:
+        b = data[torch.randint(len(data), (cfg.batch,))].to(dev)
+        loss = pm(input_ids=b, labels=b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    pm.eval()
+    report = {"config": asdict(cfg), "steps": len(losses), "seconds": round(time.time() - t0, 1),
+              "loss_first": losses[0] if losses else None,
+              "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+              "ppl_last10": math.exp(sum(losses[-10:]) / max(1, len(losses[-10:]))), **(meta or {})}
+    if out_dir:
+        save_adapter(pm, out_dir, report)
+    return pm, report
+
+
+def save_adapter(pm, out_dir: str, report: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    pm.save_pretrained(out_dir, safe_serialization=True)
+    with open(os.path.join(out_dir, "adore_finetune.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def apply_adapter(model, path: str):
+    """Load a LoRA adapter (from `finetune`) onto a model from adore.models.load_model and merge it
+    into the base weights (Linear layers stay plain Linear: the engine runs unchanged)."""
+    from peft import PeftModel
+
+    name = getattr(model, "adore_name", None)
+    merged = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+    merged.eval().requires_grad_(False)
+    if name is not None:
+        merged.adore_name = name
+    info = os.path.join(path, "adore_finetune.json")
+    if os.path.exists(info):
+        with open(info) as f:
+            merged.adore_finetune = json.load(f)
+    return merged

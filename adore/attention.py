@@ -23,6 +23,10 @@ def decoder_parts(model):
     return inner.embed_tokens, inner.layers, inner.norm, model.lm_head, inner.rotary_emb
 
 
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _qkv(attn, x, cos, sin, head_dim):
     """x [B, R, H] -> q [B, Hq, R, D], k, v [B, Hkv, R, D] with RoPE applied."""
     B, R, _ = x.shape
@@ -38,21 +42,23 @@ def _qkv(attn, x, cos, sin, head_dim):
 
 @torch.no_grad()
 def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Tensor,
-                  slots: torch.Tensor, top_k: int | None = None, want_mass: bool = False):
+                  slots: torch.Tensor, top_k: int | None = None, want_mass: bool = False,
+                  used: int | None = None):
     """One engine step for the first n rows of the cache.
 
     ids      [n, R] token ids of the query rows (rebuilt tokens and the current one)
     row_pos  [n, R] their absolute positions, -1 for padded rows
     slots    [n, R] the free slot each row's K/V goes to (the trash slot for padded rows);
              cache.pos must already hold row_pos at those slots
+    used     slots [0, used) are read; None: computed from the cache (a device sync). A CUDA graph
+             passes a fixed value so that the step has static shapes and no sync.
     Returns hidden states after the final norm [n, R, H] and the attention mass per slot
-    [n, used] summed over layers (or None). The step reads slots [0, used) only.
+    [n, used] summed over layers (or None).
     """
     embed, layers, norm, _, rotary = decoder_parts(model)
     n = ids.shape[0]
-    head_dim = model.config.head_dim if hasattr(model.config, "head_dim") and model.config.head_dim \
-        else model.config.hidden_size // model.config.num_attention_heads
-    used = cache.used_slots(n)
+    head_dim = _head_dim(model.config)
+    used = cache.used_slots(n) if used is None else used
     slot_pos = cache.pos[:n, :used]
     x = embed(ids)
     cos, sin = rotary(x, row_pos.clamp(min=0))
@@ -78,8 +84,7 @@ def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False):
     each position received summed over layers, heads and queries ([1, P]) if want_mass."""
     embed, layers, norm, _, rotary = decoder_parts(model)
     P = ids.shape[1]
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) \
-        else model.config.hidden_size // model.config.num_attention_heads
+    head_dim = _head_dim(model.config)
     pos = torch.arange(P, device=ids.device)[None]
     x = embed(ids)
     cos, sin = rotary(x, pos)

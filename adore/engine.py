@@ -72,7 +72,7 @@ class _Request:
 
 class Engine:
     def __init__(self, model, tokenizer, policy: Policy, *, max_batch: int = 8, max_seq_len: int = 4096,
-                 controller: Controller | None = None) -> None:
+                 controller: Controller | None = None, cuda_graphs: bool | None = None) -> None:
         if max_batch < 1 or max_seq_len < 2:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
         self.model, self.tok, self.policy = model, tokenizer, policy
@@ -96,6 +96,17 @@ class Engine:
             feat_dim=self.controller.cfg.score_dim + 1 if self.controller else 0,
             ctrl_dim=self.controller.cfg.hidden_dim if self.controller else 0,
             dtype=next(model.parameters()).dtype, device=self.device)
+        # Static decode steps replayed from CUDA graphs (None: on when the model is on one GPU; off
+        # under tensor parallelism, whose collectives we have not validated inside graphs).
+        self.graphed = None
+        if cuda_graphs is None:
+            dist = torch.distributed
+            tp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            cuda_graphs = self.device.type == "cuda" and not tp
+        if cuda_graphs:
+            from .cuda_graph import GraphedDecoder
+
+            self.graphed = GraphedDecoder(model, self.cache, policy.top_k, policy.needs_mass)
         self.requests: dict[str, _Request] = {}
         self.waiting: deque[str] = deque()
         self.rows: list[str] = []  # request id of each active row, rows packed at [0, n)
@@ -243,8 +254,11 @@ class Engine:
         c.pos[:n].scatter_(1, slots, row_pos)  # padded rows write -1 into the trash slot
         c.mass[:n].scatter_(1, slots, torch.zeros_like(row_pos, dtype=c.mass.dtype))
         step_tokens = int(c.valid(n).sum(1).max())
-        hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
-                                     want_mass=pol.needs_mass)
+        if self.graphed is not None:
+            hidden, mass = self.graphed(ids, row_pos, slots)
+        else:
+            hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
+                                         want_mass=pol.needs_mass)
         if mass is not None:
             c.mass[:n, : mass.shape[1]] += mass
         logits = self.lm_head(hidden[:, -1])

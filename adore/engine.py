@@ -208,7 +208,7 @@ class Engine:
             c.mass[row, :n] = mass[0, keep]
         self.stats["prefill_tokens"] += P
         self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
-        logits = self.lm_head(hidden[0, -1:])
+        logits = self.lm_head(hidden[:, -1:])[:, 0]  # 3-D in: DeepSpeed's sharded head slices [B, S, H]
         req.next_pos = P
         (tok,), (lp,) = self._choose([req], logits)
         self._emit(req, tok, lp, outs)
@@ -261,7 +261,7 @@ class Engine:
                                          want_mass=pol.needs_mass)
         if mass is not None:
             c.mass[:n, : mass.shape[1]] += mass
-        logits = self.lm_head(hidden[:, -1])
+        logits = self.lm_head(hidden[:, -1:])[:, 0]
 
         # 4. release down to the budget, one decision for all layers
         if self.trace is not None:

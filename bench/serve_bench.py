@@ -1,0 +1,208 @@
+"""Serving benchmark: throughput and time-to-first-token of the HTTP API, `adore` vs `full`.
+
+Starts its own Ray + Serve application (cluster.app:build_app) with one deployment per policy, then
+for each policy and each client count C runs C concurrent streaming /v1/completions clients, each
+generating exactly --max-tokens tokens (the `ignore_eos` extension), all sent at once. Per run:
+
+    throughput_tok_s     generated tokens / wall time (first request sent -> last token received)
+    ttft_s               p50 / p95 / mean of request sent -> first token chunk
+    itl_s                per-token latency of each request: (last chunk - first chunk) / (tokens - 1),
+                         p50 / p95 / mean over requests
+    e2e_s                request latency p50 / p95
+    mean_batch           decode rows per engine step during the run (from the replica's counters)
+    released, rebuilt    tokens released / rebuilt by the KV policy during the run
+
+    python bench/serve_bench.py                                   # the full run: 1, 8, 32 clients x 512
+    python bench/serve_bench.py --max-tokens 16 --clients 1,2 --out /tmp/smoke.json   # a smoke run
+
+Results go to --out (default bench/results/serve_cpu.json) with the exact command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_FILE = REPO / "data" / "austen" / "prideprejudice.txt"
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return round(xs[i], 4)
+
+
+def summary(xs: list[float]) -> dict:
+    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "mean": round(statistics.fmean(xs), 4) if xs else None}
+
+
+def prompt_text(i: int, chars: int) -> str:
+    """A different passage of Austen per client (same length), so no two prompts are identical."""
+    if PROMPT_FILE.exists():
+        text = PROMPT_FILE.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = "Once upon a time. " * 500
+    start = (5000 + 7919 * i) % max(1, len(text) - chars)
+    return " ".join(text[start : start + chars].split())
+
+
+async def one_stream(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    req = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+           "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    usage = None
+    async with c.stream("POST", "/v1/completions", json=req) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "error": (await r.aread()).decode()[:300]}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            now = time.perf_counter()
+            if ev.get("usage"):
+                usage = ev["usage"]
+            if ev.get("choices") and ev["choices"][0]["text"]:
+                first = first if first is not None else now
+                last = now
+    tokens = usage["completion_tokens"] if usage else 0
+    return {"status": 200, "start": t0, "ttft": (first - t0) if first else None,
+            "end": last or time.perf_counter(),
+            "tokens": tokens, "prompt_tokens": usage["prompt_tokens"] if usage else None,
+            "itl": (last - first) / (tokens - 1) if first is not None and tokens > 1 else None}
+
+
+def replica_counters(base: str, model: str) -> dict:
+    text = httpx.get(base + "/metrics", timeout=60).text
+    out = {}
+    for key, name in (("steps", "engine_steps_total"), ("rows", "engine_decode_tokens_total"),
+                      ("released", "tokens_released_total"), ("rebuilt", "tokens_rebuilt_total")):
+        m = re.search(rf'^adore_{name}{{model="{re.escape(model)}"}} ([0-9.e+]+)$', text, re.M)
+        out[key] = float(m.group(1)) if m else 0.0
+    return out
+
+
+async def run_clients(base: str, model: str, clients: int, max_tokens: int, prompt_chars: int) -> dict:
+    before = replica_counters(base, model)
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as c:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one_stream(c, model, prompt_text(i, prompt_chars), max_tokens)
+                                     for i in range(clients)))
+        wall = time.perf_counter() - t0
+    after = replica_counters(base, model)
+    ok = [r for r in res if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    steps = after["steps"] - before["steps"]
+    return {
+        "clients": clients, "max_tokens": max_tokens, "ok": len(ok),
+        "failed": [r for r in res if r["status"] != 200],
+        "generated_tokens": tokens, "wall_s": round(wall, 3),
+        "throughput_tok_s": round(tokens / wall, 3) if wall else None,
+        "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": summary([r["itl"] for r in ok if r["itl"] is not None]),
+        "e2e_s": summary([r["end"] - r["start"] for r in ok]),
+        "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r["prompt_tokens"]]),
+        "mean_batch": round((after["rows"] - before["rows"]) / steps, 2) if steps else None,
+        "released": after["released"] - before["released"], "rebuilt": after["rebuilt"] - before["rebuilt"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policies", default="adore,full")
+    p.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--prompt-chars", type=int, default=400, help="prompt length in characters (~100 tokens)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: all cores / tp)")
+    p.add_argument("--cache-size", type=int, default=192)
+    p.add_argument("--top-k", type=int, default=96)
+    p.add_argument("--rebuild", type=int, default=8)
+    p.add_argument("--rebuild-mode", default="promote")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="one short request per policy first")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_cpu.json"))
+    a = p.parse_args(argv)
+    clients = [int(x) for x in a.clients.split(",") if x.strip()]
+    policies = [x.strip() for x in a.policies.split(",") if x.strip()]
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.tp)
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import ServeArgs
+
+    args = {"model": a.model, "policies": ",".join(policies), "tp": a.tp, "num_replicas": 1,
+            "max_batch": max(clients), "max_queue": max(clients), "max_ongoing_requests": 2 * max(clients),
+            "max_seq_len": a.prompt_chars + a.max_tokens + 64, "cache_size": a.cache_size, "top_k": a.top_k,
+            "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode, "threads": threads, "device": "cpu"}
+    cfg = ServeArgs.parse(args)
+    tmp = tempfile.mkdtemp(prefix="arb", dir="/tmp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=max(4, a.tp * len(policies)), _temp_dir=tmp, include_dashboard=False,
+             log_to_driver=False)
+    results = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.perf_counter()
+        serve.run(build_app(args), name="adore", route_prefix="/")
+        startup = time.perf_counter() - t0
+        for policy in policies:
+            model = cfg.model_id(policy)
+            asyncio.run(run_clients(base, model, 1, a.warmup_tokens, a.prompt_chars))
+            for n in clients:
+                r = asyncio.run(run_clients(base, model, n, a.max_tokens, a.prompt_chars))
+                r["policy"] = policy
+                results.append(r)
+                print(f"{policy:>6} clients={n:<3} {r['throughput_tok_s']:8.1f} tok/s  "
+                      f"ttft p50 {r['ttft_s']['p50']}s p95 {r['ttft_s']['p95']}s  "
+                      f"itl p50 {r['itl_s']['p50']}s  batch {r['mean_batch']}  ok {r['ok']}/{n}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {
+        "command": "python bench/serve_bench.py " + " ".join(
+            shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "processor": platform.processor()},
+        "serve_args": args, "startup_s": round(startup, 1),
+        "note": "streaming /v1/completions, greedy, ignore_eos; throughput = generated tokens / wall time",
+        "results": results,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`adore serve`: a local Ray + Serve running the OpenAI-compatible API until Ctrl-C.
+
+    adore serve                                   # smollm2-135m:adore on http://127.0.0.1:8000/v1
+    adore serve --policy adore,full --tp 2 --replicas 2 --port 8000
+
+Registered through the entry-point group `adore.commands` (pyproject.toml), so `adore` itself never
+imports Ray. Set ADORE_API_TOKEN to require `Authorization: Bearer <token>` on /v1/*.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    from adore.cli import add_model_args
+
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API on a local Ray + Serve")
+    add_model_args(p)
+    p.set_defaults(device="auto", dtype="auto", func=cmd_serve)
+    g = p.add_argument_group("serving")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (DeepSpeed AutoTP)")
+    g.add_argument("--replicas", type=int, default=1, help="replicas per policy")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on every interface)")
+    g.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per replica")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait per replica (then 503)")
+    g.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests Serve sends one replica at a time (default: max-batch + max-queue)")
+    g.add_argument("--cpus-per-rank", type=float, default=1.0, help="Ray CPUs reserved per rank")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    g.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    g.add_argument("--ray-temp-dir", default=None, help="temp/session directory of the local Ray instance")
+
+
+def serve_args(a) -> dict:
+    """argparse namespace -> build_app args (cluster/config.py)."""
+    out = {"model": a.model, "policies": a.policy, "tp": a.tp, "num_replicas": a.replicas,
+           "max_batch": a.max_batch, "max_queue": a.max_queue,
+           "max_ongoing_requests": a.max_ongoing_requests or a.max_batch + a.max_queue,
+           "cache_size": a.cache_size, "top_k": a.top_k, "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode,
+           "controller": a.controller, "adapter": getattr(a, "adapter", None), "dtype": a.dtype,
+           "device": a.device,
+           "cpus_per_rank": a.cpus_per_rank, "threads": a.threads}
+    if a.max_seq_len:
+        out["max_seq_len"] = a.max_seq_len
+    return out
+
+
+def _stop(*_):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(a) -> int:
+    from .config import ServeArgs
+
+    args = serve_args(a)
+    cfg = ServeArgs.parse(args)  # user mistakes fail here, before Ray starts
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    signal.signal(signal.SIGTERM, _stop)
+    if a.address:
+        ray.init(address=a.address)
+    else:
+        ray.init(num_cpus=a.num_cpus, _temp_dir=a.ray_temp_dir)
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(build_app(args), name="adore", route_prefix="/", blocking=False)
+        ids = ", ".join(cfg.model_id(p) for p in cfg.policy_list)
+        print(f"adore: serving {ids} at http://{a.host}:{a.port}/v1 (Ctrl-C to stop)", file=sys.stderr,
+              flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("adore: shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.delete("adore") if a.address else serve.shutdown()  # a shared cluster keeps its Serve
+        finally:
+            ray.shutdown()
+    return 0

@@ -1,0 +1,165 @@
+"""The Serve application's arguments (`args:` of a Serve config / RayService serveConfigV2).
+
+Values may arrive as YAML strings ("2", "none"); everything is coerced and checked here, once, so a
+typo fails the deployment with a clear message instead of inside a replica.
+
+    model                 smollm2-135m | random:<shape> | /path/to/checkpoint
+    policies              comma list, one model id per policy: "<model>:<policy>" (e.g. "adore,full")
+    tp                    tensor-parallel ranks per replica (one placement group, STRICT_PACK)
+    num_replicas          fixed replica count per policy, or
+    min_replicas, max_replicas   Serve autoscaling bounds (target: max_batch ongoing per replica)
+    max_ongoing_requests  requests Serve sends one replica at a time
+    max_batch             sequences decoded together per replica (engine rows)
+    max_queue             requests allowed to wait for an engine row per replica; beyond: 503. Serve's
+                          router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
+    max_seq_len           prompt + generation tokens per sequence
+    cache_size, top_k, rebuild, rebuild_mode, controller   the method (AdoreConfig)
+    adapter               LoRA adapter directory (`adore finetune`), merged into the weights
+    dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
+                          cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
+    cpus_per_rank, threads, ingress_replicas, retry_after_s
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+from adore.config import UserError
+from workers.spec import EngineSpec
+
+API_TOKEN_ENV = "ADORE_API_TOKEN"
+
+
+def _opt_int(v) -> int | None:
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "off", "")):
+        return None
+    return int(v)
+
+
+@dataclass
+class ServeArgs:
+    model: str = "smollm2-135m"
+    policies: str = "adore"
+    tp: int = 1
+    num_replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    max_ongoing_requests: int = 32
+    max_batch: int = 16
+    max_queue: int = 64
+    max_seq_len: int = 4096
+    cache_size: int | None = 192
+    top_k: int | None = 96
+    rebuild: int = 8
+    rebuild_mode: str = "promote"
+    controller: str | None = None
+    adapter: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    cpus_per_rank: float = 1.0
+    threads: int | None = None
+    ingress_replicas: int = 1
+    retry_after_s: float | None = None  # None: estimated from the replica's queue and step time
+
+    @classmethod
+    def parse(cls, args: dict | None) -> ServeArgs:
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(args) - known
+        if unknown:
+            raise UserError(f"unknown serve args: {sorted(unknown)}; known: {sorted(known)}")
+        ints = ("tp", "max_ongoing_requests", "max_batch", "max_queue", "max_seq_len", "rebuild",
+                "ingress_replicas")
+        opt_ints = ("num_replicas", "min_replicas", "max_replicas", "cache_size", "top_k", "threads")
+        try:
+            for k in ints:
+                if k in args:
+                    args[k] = int(args[k])
+            for k in opt_ints:
+                if k in args:
+                    args[k] = _opt_int(args[k])
+            for k in ("cpus_per_rank", "retry_after_s"):
+                if args.get(k) is not None:
+                    args[k] = float(args[k])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad serve arg: {e}") from None
+        for k in ("model", "policies", "rebuild_mode", "dtype", "device"):
+            if k in args:
+                args[k] = str(args[k])
+        out = cls(**args)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        if not self.policy_list:
+            raise UserError("policies: give at least one policy")
+        if self.num_replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
+            raise UserError("give num_replicas or min_replicas/max_replicas, not both")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise UserError("min_replicas and max_replicas go together")
+        lo, hi = self.replica_bounds
+        if not 0 <= lo <= hi or hi < 1:
+            raise UserError(f"replica bounds must satisfy 0 <= min <= max, max >= 1; got {lo}..{hi}")
+        for k in ("tp", "max_ongoing_requests", "max_batch", "ingress_replicas"):
+            if getattr(self, k) < 1:
+                raise UserError(f"{k} must be >= 1")
+        if self.max_queue < 0:
+            raise UserError("max_queue must be >= 0")
+        from adore.policies import policy_names
+
+        for p in self.policy_list:
+            if p not in policy_names():
+                raise UserError(f"unknown policy {p!r}; known: {', '.join(policy_names())}")
+        self.engine_spec(self.policy_list[0])  # validates the method's numbers
+
+    @property
+    def policy_list(self) -> list[str]:
+        return [p.strip() for p in self.policies.split(",") if p.strip()]
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        if self.min_replicas is not None:
+            return self.min_replicas, self.max_replicas
+        n = 1 if self.num_replicas is None else self.num_replicas
+        return n, n
+
+    @property
+    def model_name(self) -> str:
+        """The model part of the public model ids (a checkpoint directory's base name)."""
+        m = self.model.rstrip("/")
+        return os.path.basename(m) if os.path.isdir(m) or m.startswith("/") else m
+
+    def model_id(self, policy: str) -> str:
+        return f"{self.model_name}:{policy}"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        env = os.environ.get("ADORE_DEVICE")
+        if env:
+            return env
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:
+            return "cpu"
+
+    def engine_spec(self, policy: str) -> EngineSpec:
+        device = self.resolved_device()
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        return EngineSpec(model=self.model, policy=policy, cache_size=self.cache_size, top_k=self.top_k,
+                          rebuild=self.rebuild, rebuild_mode=self.rebuild_mode, controller=self.controller,
+                          adapter=self.adapter,
+                          dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
+                          threads=self.threads)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,164 @@
+"""A model replica: one shard group (tp rank actors in this replica's placement group) + its driver.
+
+Serve gives each replica a placement group of `tp` bundles (STRICT_PACK); the replica actor itself
+takes no resources and sits in bundle 0 beside rank 0, rank i goes to bundle i. The ranks are owned
+by the replica, so they end with it (no leaked actors); `__del__`, which Serve calls on graceful
+shutdown, also leaves the process group first.
+
+`generate(request)` is a Serve streaming method. It yields plain dicts:
+
+    {"event": "start", "prompt_tokens": n}
+    {"event": "delta", "text": "...", "tokens": k, "finish_reason": None | "stop" | "length", ...}
+    {"event": "error", "status": 400 | 503, "message": ..., ...}   (instead of "start")
+
+If the caller goes away (HTTP client disconnect -> Serve cancels the request), the generator is
+closed and the request is aborted in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+
+from ray import serve
+from ray.util import metrics as ray_metrics
+from ray.util.placement_group import get_current_placement_group
+
+from adore.config import SamplingParams, UserError
+from workers import AsyncDriver, Overloaded, ShardGroup
+
+from .config import ServeArgs
+from .errors import ApiError, bad_request, overloaded
+
+log = logging.getLogger("ray.serve")
+
+
+def replica_id() -> str:
+    try:
+        ctx = serve.get_replica_context()
+        rid = getattr(ctx, "replica_id", None)
+        return getattr(rid, "unique_id", None) or str(rid or ctx.replica_tag)
+    except Exception:
+        return "local"
+
+
+class ModelServer:
+    def __init__(self, args: dict, policy: str) -> None:
+        self.cfg = ServeArgs.parse(args)
+        self.policy, self.model_id = policy, self.cfg.model_id(policy)
+        spec = self.cfg.engine_spec(policy)
+        self.group = ShardGroup(spec, self.cfg.tp, placement_group=get_current_placement_group(),
+                                cpus_per_rank=self.cfg.cpus_per_rank)
+        self.tok = self.group.tokenizer()
+        self.driver = AsyncDriver(self.group, max_queue=self.cfg.max_queue)
+        self.replica = replica_id()
+        tags = {"model": self.model_id, "replica": self.replica}
+        keys = tuple(tags)
+        self._gauges = {k: ray_metrics.Gauge(f"adore_replica_{k}", f"ADORE replica {k}", tag_keys=keys)
+                        for k in ("running", "waiting", "released", "rebuilt", "steps", "decode_tokens")}
+        for g in self._gauges.values():
+            g.set_default_tags(tags)
+        self._last_push = 0.0
+        log.info("model %s ready: tp=%d %s", self.model_id, self.cfg.tp, self.group.info)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _encode(self, req: dict) -> list[int]:
+        tok = self.tok
+        if req["kind"] == "chat":
+            try:
+                text = tok.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
+            except Exception as e:
+                raise bad_request(f"messages: cannot apply the chat template: {e}",
+                                  param="messages") from None
+            return list(tok.encode(text, add_special_tokens=False))
+        p = req["prompt"]
+        if isinstance(p, str):
+            return list(tok.encode(p, add_special_tokens=True))
+        return [int(t) for t in p]
+
+    def _prepare(self, req: dict) -> tuple[list[int], SamplingParams]:
+        ids = self._encode(req)
+        param = "messages" if req["kind"] == "chat" else "prompt"
+        if not ids:
+            raise bad_request(f"{param}: the prompt is empty", param=param)
+        vocab = self.group.info[0]["vocab_size"]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise bad_request(f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        limit = self.cfg.max_seq_len
+        s = dict(req["sampling"])
+        if s["max_tokens"] is None:  # OpenAI: completions default to 16, chat to what fits
+            s["max_tokens"] = 16 if req["kind"] == "completion" else limit - len(ids)
+        if len(ids) >= limit:
+            raise bad_request(f"{param}: the prompt has {len(ids)} tokens; this model's context is {limit} "
+                              f"tokens (prompt + max_tokens)", param=param, code="context_length_exceeded")
+        if len(ids) + s["max_tokens"] > limit:
+            raise bad_request(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({s['max_tokens']}) "
+                              f"exceeds this model's context of {limit} tokens", param="max_tokens",
+                              code="context_length_exceeded")
+        try:
+            return ids, SamplingParams(**s)
+        except UserError as e:
+            raise bad_request(str(e)) from None
+
+    async def generate(self, req: dict):
+        """Stream one request's events (see the module docstring)."""
+        try:
+            ids, params = self._prepare(req)
+            rid = self.driver.submit(ids, params)
+        except ApiError as e:
+            yield e.as_event()
+            return
+        except Overloaded as e:
+            yield overloaded(str(e), self.cfg.retry_after_s or e.retry_after_s).as_event()
+            return
+        try:
+            yield {"event": "start", "prompt_tokens": len(ids), "replica": self.replica}
+            async with aclosing(self.driver.stream(rid)) as stream:
+                async for outs in stream:
+                    last = outs[-1]
+                    ev = {"event": "delta", "text": "".join(o.text for o in outs),
+                          "tokens": sum(o.token_id is not None for o in outs),
+                          "finish_reason": last.finish_reason if last.finished else None}
+                    if last.finished:
+                        ev["stats"] = self.stats_now()
+                    yield ev
+                    self._push_metrics()
+        except UserError as e:
+            yield bad_request(str(e)).as_event()
+        finally:  # cancelled or closed early (client gone): free the engine row now; no-op when done
+            self.driver.abort(rid)
+
+    # -- state ---------------------------------------------------------------------------------
+    def stats_now(self) -> dict:
+        return {"model": self.model_id, "replica": self.replica, "time": time.time(),
+                **self.driver.snapshot()}
+
+    async def stats(self) -> dict:
+        await asyncio.sleep(0)
+        return self.stats_now()
+
+    def _push_metrics(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_push < 0.5:
+            return
+        self._last_push = now
+        s = self.driver.snapshot()
+        for k, g in self._gauges.items():
+            g.set(s[k])
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the loop is alive and every rank answers (between steps)."""
+        if not self.driver.healthy:
+            raise RuntimeError("engine loop failed")
+        try:
+            await asyncio.wait_for(asyncio.gather(*(a.__ray_ready__.remote() for a in self.group.actors)), 60)
+        except Exception as e:
+            raise RuntimeError(f"a tensor-parallel rank is not responding: {e!r}") from None
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            self.group = None
+            group.shutdown()

@@ -1,0 +1,62 @@
+"""The Serve builder contract without starting Ray: args parsing, deployment options, placement."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+
+from adore.config import UserError  # noqa: E402
+from cluster.app import build_app, model_deployment_options  # noqa: E402
+from cluster.config import ServeArgs  # noqa: E402
+
+
+def k8s_args() -> dict:
+    with open("k8s/base/rayservice.yaml") as f:
+        rs = yaml.safe_load(f)
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    return app["args"]
+
+
+def test_k8s_args_give_autoscaled_gpu_replicas_in_strict_pack_groups(monkeypatch):
+    monkeypatch.setenv("ADORE_DEVICE", "cuda")
+    args = k8s_args()
+    cfg = ServeArgs.parse(args)
+    assert cfg.policy_list == ["adore", "full"]
+    assert cfg.model_id("adore") == "llama-2-7b:adore"
+    opts = model_deployment_options(cfg, "adore")
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert opts["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}] * int(args["tp"])
+    assert opts["autoscaling_config"]["min_replicas"] == args["min_replicas"]
+    assert opts["autoscaling_config"]["max_replicas"] == args["max_replicas"]
+    assert opts["max_ongoing_requests"] == args["max_ongoing_requests"]
+    assert opts["ray_actor_options"] == {"num_cpus": 0}  # the replica rides in bundle 0 beside rank 0
+    assert cfg.engine_spec("adore").dtype == "bfloat16"
+    assert build_app(args) is not None
+
+
+def test_cpu_defaults_and_fixed_replicas(monkeypatch):
+    monkeypatch.delenv("ADORE_DEVICE", raising=False)
+    cfg = ServeArgs.parse({"model": "random:tiny", "policies": "adore", "tp": "2", "num_replicas": "3",
+                           "top_k": "none", "device": "cpu"})
+    opts = model_deployment_options(cfg, "adore")
+    assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
+    assert opts["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert cfg.top_k is None and cfg.engine_spec("adore").dtype == "float32"
+
+
+@pytest.mark.parametrize("args,msg", [
+    ({"modle": "x"}, "unknown serve args"),
+    ({"num_replicas": 1, "min_replicas": 1, "max_replicas": 2}, "not both"),
+    ({"min_replicas": 1}, "go together"),
+    ({"min_replicas": 3, "max_replicas": 2}, "replica bounds"),
+    ({"policies": "adore,nope"}, "unknown policy"),
+    ({"policies": " , "}, "at least one"),
+    ({"tp": 0}, "tp must be"),
+    ({"tp": "two"}, "bad serve arg"),
+    ({"cache_size": 0}, "cache size"),
+])
+def test_bad_args_fail_at_build_time(args, msg):
+    with pytest.raises(UserError, match=msg):
+        ServeArgs.parse(args)

@@ -1,0 +1,74 @@
+"""What one shard group runs: the model, the KV policy and the engine's sizes, as plain data.
+
+An EngineSpec travels to every rank actor (it pickles), and each rank builds the same engine from it,
+so the ranks start from identical state: the precondition for lock-step decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from adore.config import AdoreConfig, UserError
+
+
+@dataclass
+class EngineSpec:
+    model: str = "smollm2-135m"
+    policy: str = "adore"
+    cache_size: int | None = 192
+    top_k: int | None = 96
+    rebuild: int = 8
+    rebuild_mode: str = "promote"
+    controller: str | None = None  # controller checkpoint (.safetensors); None: the shipped default
+    adapter: str | None = None  # LoRA adapter directory (`adore finetune`), merged before sharding
+    dtype: str = "float32"
+    device: str = "cpu"  # "cpu" or "cuda" (each GPU rank sees exactly one device: cuda:0)
+    max_batch: int = 8  # engine rows: sequences decoded together
+    max_seq_len: int = 2048  # prompt + generation per sequence
+    threads: int | None = None  # torch intra-op threads per rank (None: leave torch's choice)
+    seed: int = 0  # weights seed of random:<shape> models (all ranks must agree)
+    dist_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_seq_len < 2:
+            raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"device must be cpu or cuda, got {self.device!r}")
+        self.adore_config()  # validate the method's numbers early, in the caller's process
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def adore_config(self) -> AdoreConfig:
+        return AdoreConfig(cache_size=self.cache_size, top_k=self.top_k, rebuild=self.rebuild,
+                           rebuild_mode=self.rebuild_mode)
+
+    def replace(self, **kw) -> EngineSpec:
+        return EngineSpec(**{**asdict(self), **kw})
+
+    def load_model(self, device: str):
+        """(model, tokenizer) with the adapter, if any, merged into plain Linear weights."""
+        from adore.models import load_model
+
+        model, tok = load_model(self.model, dtype=self.dtype, device=device, seed=self.seed)
+        if self.adapter:
+            from adore.train.finetune import apply_adapter
+
+            if not os.path.isdir(self.adapter):
+                raise UserError(f"adapter directory not found: {self.adapter}")
+            model = apply_adapter(model, self.adapter)
+        return model, tok
+
+    def make_policy(self):
+        """The policy object (loads the controller checkpoint if one was given)."""
+        from adore.controller import Controller
+        from adore.policies import make_policy
+
+        controller = None
+        if self.controller:
+            if not os.path.isfile(self.controller):
+                raise UserError(f"controller file not found: {self.controller}")
+            controller = Controller.load(self.controller)
+        return make_policy(self.policy, self.adore_config(), controller)

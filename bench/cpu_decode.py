@@ -87,7 +87,8 @@ def run_transformers(model, tok, batch, max_len, prompt_len):
     clock = Clock()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_len,
-                       min_new_tokens=max_len, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=0)
+                       min_new_tokens=max_len, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                       pad_token_id=0)
     s = clock.stamps  # one stamp per generated token; the first follows the prefill
     return [b - a for a, b in zip(s, s[1:])], {}
 
@@ -151,6 +152,7 @@ def main():
                 kv = min(int(L), args.cache_size + rows) if bounded else args.prompt_len + int(L)
                 v.update(arithmetic(model, rows, kv, batch))
             results.append({"method": name, "batch": batch, "wall_s": round(time.perf_counter() - t0, 1),
+                            "loadavg": open("/proc/loadavg").read().split()[:3],
                             "by_length": per_len, **extra})
             last = per_len[str(lengths[-1])]
             print(f"{name:16s} b={batch}  {last['tokens_per_s']:8.1f} tok/s  "
@@ -158,7 +160,7 @@ def main():
     meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "dtype": "float32",
             "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "config": cfg_kw}
+            "config": cfg_kw, "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -20,7 +20,7 @@ def engine_logits(model, tok, policy, prompt, n):
         out = eng.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
     finally:
         hook.remove()
-    return out.token_ids, torch.cat(seen, 0)
+    return out.token_ids, torch.cat([s.reshape(-1, s.shape[-1]) for s in seen], 0)
 
 
 def hf_reference(model, prompt, n):

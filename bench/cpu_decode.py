@@ -136,6 +136,16 @@ def main():
     lengths = [L for L in (32, 64, 128, 256, 512, 1024, 2048, 4096) if L <= args.max_len]
     cfg_kw = dict(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild)
     results = []
+
+    def save():  # after every run, so that an interrupted benchmark keeps what it measured
+        meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "dtype": "float32",
+                "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                "config": cfg_kw, "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+
     for batch in [int(b) for b in args.batches.split(",")]:
         for name in args.methods.split(","):
             pol, mode = METHODS[name]
@@ -155,15 +165,9 @@ def main():
                             "loadavg": open("/proc/loadavg").read().split()[:3],
                             "by_length": per_len, **extra})
             last = per_len[str(lengths[-1])]
+            save()
             print(f"{name:16s} b={batch}  {last['tokens_per_s']:8.1f} tok/s  "
                   f"{last['step_ms']:7.1f} ms/step at {lengths[-1]}", flush=True)
-    meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "dtype": "float32",
-            "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "config": cfg_kw, "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
     plot(results, args.out.replace(".json", ".png"))
 
 

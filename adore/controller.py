@@ -41,10 +41,15 @@ def position_features(pos: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
+DIST_FEATURES = 8
+
+
 def distance_features(dist: torch.Tensor) -> torch.Tensor:
-    """[...] int distances (t - i >= 0) -> [..., 4] float."""
+    """[...] int distances (t - i >= 0) -> [..., DIST_FEATURES] float: log-distance, its inverse, and
+    steps at 1, 4, 16, 64, 128, 256 tokens (the budget's scale), so f(t - i) can bend sharply there."""
     d = dist.float().clamp(min=0)
-    return torch.stack([torch.log1p(d) / 8.0, 1.0 / (1.0 + d), (d < 8).float(), (d < 64).float()], -1)
+    steps = [(d < b).float() for b in (1, 4, 16, 64, 128, 256)]
+    return torch.stack([torch.log1p(d) / 8.0, 1.0 / (1.0 + d), *steps], -1)
 
 
 class Controller(nn.Module):
@@ -56,7 +61,7 @@ class Controller(nn.Module):
         self.key = nn.Linear(cfg.hidden_dim, cfg.score_dim)
         self.query = nn.Linear(cfg.hidden_dim, cfg.score_dim)
         self.prior = nn.Linear(cfg.hidden_dim, 1)
-        self.dist = nn.Sequential(nn.Linear(4, cfg.dist_hidden), nn.Tanh(), nn.Linear(cfg.dist_hidden, 1))
+        self.dist = nn.Sequential(nn.Linear(DIST_FEATURES, cfg.dist_hidden), nn.Tanh(), nn.Linear(cfg.dist_hidden, 1))
         self.reset_to_prior()
 
     @torch.no_grad()
@@ -68,10 +73,13 @@ class Controller(nn.Module):
             nn.init.zeros_(m.bias)
         nn.init.zeros_(self.prior.weight)
         nn.init.zeros_(self.prior.bias)
-        nn.init.zeros_(self.dist[0].weight)
+        # f(d) ~ -4 tanh(log(1+d)/8): recency. The other hidden units start small but not at zero
+        # (all-zero units would get no gradient and stay dead when training starts from here).
+        nn.init.normal_(self.dist[0].weight, std=0.1)
         nn.init.zeros_(self.dist[0].bias)
-        self.dist[0].weight[0, 0] = -1.0  # f(d) ~ -log(1+d)/8 * w: recency
-        self.dist[2].weight.fill_(0.0)
+        self.dist[0].weight[0].zero_()
+        self.dist[0].weight[0, 0] = -1.0
+        nn.init.normal_(self.dist[2].weight, std=0.01)
         self.dist[2].weight[0, 0] = 4.0
         nn.init.zeros_(self.dist[2].bias)
 
@@ -88,14 +96,22 @@ class Controller(nn.Module):
         return self.gru(x, h)
 
     def run(self, emb: torch.Tensor, pos: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """A whole sequence: emb [T, E], pos [T] -> states [T, H] (prefill and training)."""
-        h = self.init_state(1, emb.device) if h is None else h.view(1, -1)
+        """A whole sequence: emb [T, E], pos [T] -> states [T, H] (prefill)."""
+        return self.run_batch(emb[None], pos[None], None if h is None else h.view(1, -1))[0]
+
+    def run_batch(self, emb: torch.Tensor, pos: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Many sequences at once: emb [B, T, E], pos [B, T], h [B, H] or None -> states [B, T, H].
+
+        The same GRU cell as `step`, run by torch's fused recurrent loop (training, prefill)."""
+        from torch import _VF
+
+        B = emb.shape[0]
+        h0 = (self.init_state(B, emb.device) if h is None else h.float()).view(1, B, -1).contiguous()
         x = torch.cat([self.proj(emb.float()), position_features(pos, self.cfg.pos_features)], -1)
-        out = []
-        for t in range(x.shape[0]):
-            h = self.gru(x[t : t + 1], h)
-            out.append(h)
-        return torch.cat(out, 0)
+        g = self.gru
+        out, _ = _VF.gru(x, h0, [g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh], True, 1, 0.0,
+                         self.training, False, True)
+        return out
 
     def token_features(self, h: torch.Tensor) -> torch.Tensor:
         """What is stored per token: h [..., H] -> [..., S + 1] (key, prior)."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..controller import Controller, ControllerConfig
+from ..controller import Controller, ControllerConfig, distance_features
 from .labels import dense_labels
 from .metrics import evaluate
 
@@ -52,8 +52,6 @@ def pair_scores(ctrl: Controller, h: torch.Tensor, rows: torch.Tensor) -> torch.
     q = ctrl.query_features(h[:, rows])  # [B, R, S]
     s = torch.einsum("brs,bts->brt", q, k) / k.shape[-1] ** 0.5 + prior[:, None, :]
     dist = rows[:, None] - torch.arange(T, device=h.device)[None, :]
-    from ..controller import distance_features
-
     s = s + ctrl.dist(distance_features(dist)).squeeze(-1)[None]
     return s.masked_fill((dist < 0)[None], float("-inf"))
 

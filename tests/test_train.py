@@ -1,0 +1,148 @@
+"""Training: attention labels, the controller, QLoRA fine-tuning, and their CLI commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adore.cli import main
+from adore.controller import Controller, ControllerConfig
+from adore.train.controller import TrainConfig, save_checkpoint, train_controller
+from adore.train.labels import LabelConfig, attention_topk, build_dataset, dense_labels, segments
+from adore.train.metrics import evaluate
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "austen"
+
+
+@pytest.mark.parametrize("layers", ["all", "1:"])
+def test_labels_match_brute_force(tiny_gqa, layers):
+    """Chunked, streamed labels = top-K of eager attention averaged over layers and heads."""
+    model, tok = tiny_gqa
+    ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:300])[:90])
+    cfg = LabelConfig(top_k=10, keep=20, layers=layers, chunk=16)
+    idx, val = attention_topk(model, ids, cfg)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(ids[None], output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    lids = cfg.layer_ids(len(att))
+    avg = torch.stack([att[i][0] for i in lids]).mean((0, 1))  # [T, T]
+    T = len(ids)
+    for t in range(T):
+        k = min(cfg.keep, t + 1)
+        ref = avg[t, : t + 1].topk(k)
+        assert set(idx[t, :k].tolist()) == set(ref.indices.tolist())
+        assert torch.allclose(val[t, :k].float(), ref.values, atol=1e-3)
+        assert (idx[t, k:] == -1).all()
+    lab = dense_labels(idx, 10, T)
+    assert lab.sum(1).tolist() == [min(10, t + 1) for t in range(T)]
+    assert not (lab & ~torch.ones(T, T, dtype=torch.bool).tril()).any()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny):
+    model, tok = tiny
+    texts = [(DATA / f).read_text()[:3000] for f in ("emma.txt", "prideprejudice.txt")]
+    seqs = segments(tok, texts, 128, per_text=6)
+    data = build_dataset(model, seqs, LabelConfig(top_k=16, keep=32, seq_len=128), progress=False)
+    held = segments(tok, [(DATA / "northangerabbey.txt").read_text()[:2000]], 128, max_segments=3)
+    return data, build_dataset(model, held, LabelConfig(top_k=16, keep=32, seq_len=128), progress=False)
+
+
+def test_trained_controller_beats_random(tiny, tiny_data):
+    model, _ = tiny
+    data, held = tiny_data
+    cfg = TrainConfig(steps=60, batch=4, rows=32, lr=1e-2, eval_every=30, top_k=16, budget=32, rebuild=2,
+                      listwise=1.0)
+    ctrl, report = train_controller(data, model.model.embed_tokens, cfg, progress=False)
+    torch.manual_seed(0)
+    rand = Controller(ctrl.cfg)
+    for p in rand.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    emb = model.model.embed_tokens(held["ids"].long()).float()
+    got = evaluate(ctrl, emb, held["idx"], held["val"], 16, 32, 2, dynamic=False)
+    base = evaluate(rand, emb, held["idx"], held["val"], 16, 32, 2, dynamic=False)
+    assert got["topk_overlap"] > base["topk_overlap"] + 0.02
+    assert got["static_topk_mass:adore"] > base["static_topk_mass:adore"]
+    assert report["history"] and report["best_val_loss"] < float("inf")
+
+
+def test_checkpoint_round_trip(tiny, tiny_data, tmp_path):
+    model, _ = tiny
+    data, _ = tiny_data
+    cfg = TrainConfig(steps=3, batch=2, rows=16, eval_every=3, top_k=16, budget=32, rebuild=2)
+    ctrl, report = train_controller(data, model.model.embed_tokens, cfg,
+                                    ControllerConfig(embed_dim=64, hidden_dim=32), progress=False)
+    path = str(tmp_path / "c.safetensors")
+    save_checkpoint(ctrl, report, path)
+    back = Controller.load(path)
+    assert back.cfg == ctrl.cfg
+    emb, pos = torch.randn(20, 64), torch.arange(20)
+    assert torch.equal(ctrl.run(emb, pos), back.run(emb, pos))
+    meta = json.loads((tmp_path / "c.json").read_text())
+    assert meta["train_config"]["steps"] == 3 and "val_metrics" in meta
+
+
+def test_run_batch_matches_step():
+    ctrl = Controller(ControllerConfig(embed_dim=16))
+    emb, pos = torch.randn(2, 9, 16), torch.arange(9)[None].repeat(2, 1)
+    seq = ctrl.run_batch(emb, pos)
+    h = ctrl.init_state(2, "cpu")
+    for t in range(9):
+        h = ctrl.step(emb[:, t], pos[:, t], h)
+    assert torch.allclose(h, seq[:, -1], atol=1e-6)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_lora_adapter_changes_outputs_and_loads_back(tmp_path, quantize):
+    from adore.models import load_model
+    from adore.train.finetune import FinetuneConfig, apply_adapter, finetune
+
+    model, tok = load_model("random:tiny")
+    ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:2000]))
+    seqs = [ids[i : i + 48] for i in range(0, 480, 48)]
+    before = _logits(load_model("random:tiny")[0], ids[:48])
+    cfg = FinetuneConfig(top_k=8, seq_len=48, steps=4, lr=1e-2, quantize=quantize)
+    pm, report = finetune(model, seqs, cfg, out_dir=str(tmp_path / "ad"), progress=False)
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists() and report["steps"] == 4
+    a = apply_adapter(load_model("random:tiny")[0], str(tmp_path / "ad"))
+    b = apply_adapter(load_model("random:tiny")[0], str(tmp_path / "ad"))
+    la, lb = _logits(a, ids[:48]), _logits(b, ids[:48])
+    assert torch.equal(la, lb)  # loads back identically
+    assert (la - before).abs().max() > 1e-3  # and changes the model
+    assert type(a.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged: engine unchanged
+    if not quantize:  # the merged model computes what the trained (unmerged) one does
+        pm.base_model.model.set_attn_implementation("sdpa")
+        assert torch.allclose(_logits(pm, ids[:48]), la, atol=1e-4)
+
+
+def test_cli_train_controller_and_finetune(tmp_path, capsys):
+    emma = str(DATA / "emma.txt")
+    out = tmp_path / "ctrl.safetensors"
+    assert main(["train-controller", "--model", "random:tiny", "--text-files", emma,
+                 "--seq-len", "64", "--per-text", "3", "--steps", "4", "--top-k", "8", "--budget", "16",
+                 "--rebuild", "2", "--out", str(out), "--heldout-file", str(DATA / "northangerabbey.txt"),
+                 "--save-labels", str(tmp_path / "lab.safetensors")]) == 0
+    rep = json.loads((tmp_path / "ctrl.json").read_text())
+    assert "heldout_metrics" in rep and "precision" in rep["val_metrics"]
+    assert main(["train-controller", "--model", "random:tiny", "--labels", str(tmp_path / "lab.safetensors"),
+                 "--steps", "2", "--top-k", "8", "--budget", "16", "--out", str(tmp_path / "c2.safetensors")]) == 0
+    ad = tmp_path / "ad"
+    assert main(["finetune", "--model", "random:tiny", "--text-files", emma, "--seq-len", "32",
+                 "--steps", "2", "--top-k", "8", "--out", str(ad)]) == 0
+    capsys.readouterr()
+    assert main(["ppl", "--model", "random:tiny", "--policy", "adore", "--controller", str(out),
+                 "--adapter", str(ad), "--cache-size", "16", "--text-file", emma, "--tokens", "40",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 39
+    assert main(["train-controller", "--model", "random:tiny", "--out", str(tmp_path / "x")]) == 2

@@ -303,7 +303,14 @@ def score_all(cands: list[str], refs: list[str]) -> dict:
     return {"bleu": round(sacrebleu.corpus_bleu(cands, [refs]).score, 2),
             "rougeL": round(100 * sum(rouge) / len(rouge), 2),
             "bertscore_f1": round(100 * sum(bert) / len(bert), 2),
-            "exact_match": sum(c == r for c, r in zip(cands, refs))}
+            "exact_match": sum(c == r for c, r in zip(cands, refs)),
+            "first_diff_word": round(sum(map(_first_diff, cands, refs)) / len(cands), 1)}
+
+
+def _first_diff(c: str, r: str) -> int:
+    """Words (whitespace tokens) before c and r first differ (= the length when identical)."""
+    a, b = c.split(), r.split()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # -- the markdown report ---------------------------------------------------------------------------
@@ -343,10 +350,11 @@ def write_report() -> None:
             lines += [f"## {title}", ""] + _ppl_table(rows, full)
     if fid:
         lines += ["## Generation fidelity to full attention (greedy, EOS ignored)", "",
-                  "| policy | BLEU | ROUGE-L | BERTScore F1 | identical | prompts × new tokens |",
-                  "|---|---|---|---|---|---|"]
+                  "| policy | BLEU | ROUGE-L | BERTScore F1 | identical | words before first difference | "
+                  "prompts × new tokens |", "|---|---|---|---|---|---|---|"]
         lines += [f"| `{k}` | {r['bleu']} | {r['rougeL']} | {r['bertscore_f1']} | {r['exact_match']} | "
-                  f"{r['prompts']} × {r['max_new']} (prompt {r['prompt_len']}) |" for k, r in fid.items()]
+                  f"{r.get('first_diff_word', '')} | {r['prompts']} × {r['max_new']} "
+                  f"(prompt {r['prompt_len']}) |" for k, r in fid.items()]
         lines.append("")
     if cost:
         lines += ["## Controller cost per decode step (batch 1, CPU)", "",

@@ -40,10 +40,37 @@ def _qkv(attn, x, cos, sin, head_dim):
     return q, k, v
 
 
+class _Packer:
+    """Runs the linear layers on the live query rows only.
+
+    A step's rows are padded to the batch's largest rebuild count ([n, R], -1 positions = padding);
+    with promote-mode rebuilds most of them are padding, and on a compute-bound device (a CPU, a GPU at
+    large batch) every padded row costs a full pass through every projection and MLP. Packing keeps the
+    T live rows as one [1, T, ...] sequence for those, and unpacks to [n, R, ...] only for the slot
+    attention and the K/V writes (which need the per-sequence layout)."""
+
+    def __init__(self, live: torch.Tensor) -> None:
+        self.n, self.R = live.shape
+        self.idx = live.reshape(-1).nonzero()[:, 0]  # [T] (one device sync)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, R, ...] -> [1, T, ...]"""
+        return t.reshape(self.n * self.R, *t.shape[2:]).index_select(0, self.idx)[None]
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, T, ...] -> [n, R, ...], zeros at padded rows"""
+        out = t.new_zeros(self.n * self.R, *t.shape[2:])
+        return out.index_copy_(0, self.idx, t[0]).view(self.n, self.R, *t.shape[2:])
+
+    def heads_unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, H, T, D] -> [n, H, R, D]"""
+        return self.unpack(t.transpose(1, 2)).transpose(1, 2)
+
+
 @torch.no_grad()
 def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Tensor,
                   slots: torch.Tensor, top_k: int | None = None, want_mass: bool = False,
-                  used: int | None = None):
+                  used: int | None = None, pack: bool = False):
     """One engine step for the first n rows of the cache.
 
     ids      [n, R] token ids of the query rows (rebuilt tokens and the current one)
@@ -52,6 +79,7 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
              cache.pos must already hold row_pos at those slots
     used     slots [0, used) are read; None: computed from the cache (a device sync). A CUDA graph
              passes a fixed value so that the step has static shapes and no sync.
+    pack     run projections and MLPs on the live rows only (dynamic shapes: not inside a graph)
     Returns hidden states after the final norm [n, R, H] and the attention mass per slot
     [n, used] summed over layers (or None).
     """
@@ -60,20 +88,29 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
     head_dim = _head_dim(model.config)
     used = cache.used_slots(n) if used is None else used
     slot_pos = cache.pos[:n, :used]
-    x = embed(ids)
-    cos, sin = rotary(x, row_pos.clamp(min=0))
+    packer = _Packer(row_pos >= 0) if pack and ids.shape[1] > 1 else None
+    if packer is not None:  # x: [1, T, H] over the live rows; else [n, R, H]
+        x = embed(packer.pack(ids[..., None])[..., 0])
+        cos, sin = rotary(x, packer.pack(row_pos[..., None])[..., 0])
+    else:
+        x = embed(ids)
+        cos, sin = rotary(x, row_pos.clamp(min=0))
     mass = None
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, head_dim)
+        if packer is not None:
+            q, k, v = packer.heads_unpack(q), packer.heads_unpack(k), packer.heads_unpack(v)
         cache.write_kv(i, slots, k, v)
         o, m = slot_attention(q, cache.k[i, :n, :, :used], cache.v[i, :n, :, :used], slot_pos, row_pos,
                               top_k=top_k, scale=getattr(attn, "scaling", None), want_mass=want_mass)
         if m is not None:
             mass = m if mass is None else mass + m
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, ids.shape[1], -1))
+        o = o.transpose(1, 2).reshape(n, ids.shape[1], -1)
+        x = x + attn.o_proj(packer.pack(o) if packer is not None else o)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return norm(x), mass
+    x = norm(x)
+    return (packer.unpack(x) if packer is not None else x), mass
 
 
 @torch.no_grad()

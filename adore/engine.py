@@ -72,10 +72,12 @@ class _Request:
 
 class Engine:
     def __init__(self, model, tokenizer, policy: Policy, *, max_batch: int = 8, max_seq_len: int = 4096,
-                 controller: Controller | None = None, cuda_graphs: bool | None = None) -> None:
+                 controller: Controller | None = None, cuda_graphs: bool | None = None,
+                 pack_rows: bool = True) -> None:
         if max_batch < 1 or max_seq_len < 2:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
         self.model, self.tok, self.policy = model, tokenizer, policy
+        self.pack_rows = pack_rows  # eager steps run linears on live rows only (attention.forward_slots)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         cfg = model.config
         self.device = next(model.parameters()).device
@@ -258,7 +260,7 @@ class Engine:
             hidden, mass = self.graphed(ids, row_pos, slots)
         else:
             hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
-                                         want_mass=pol.needs_mass)
+                                         want_mass=pol.needs_mass, pack=self.pack_rows)
         if mass is not None:
             c.mass[:n, : mass.shape[1]] += mass
         logits = self.lm_head(hidden[:, -1:])[:, 0]

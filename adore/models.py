@@ -62,8 +62,19 @@ class ByteTokenizer:
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        data = bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259)
-        return data.decode("utf-8", errors="replace")
+        """Byte ids as UTF-8 text; ids past the bytes (a random model picks them too) as "<id>", so
+        that every generated token is visible in a stream."""
+        out, run = [], bytearray()
+        for i in map(int, ids):
+            if 3 <= i < 259:
+                run.append(i - 3)
+                continue
+            if i >= 259 or not skip_special_tokens:
+                out.append(run.decode("utf-8", errors="replace"))
+                out.append(f"<{i}>")
+                run = bytearray()
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **_):
         text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
@@ -120,7 +131,7 @@ def _random_model(shape: str, dtype: torch.dtype, device: str, seed: int):
     cfg = LlamaConfig(**RANDOM_SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = LlamaForCausalLM(cfg).to(dtype)  # initialised in fp32, then rounded: same values on any rank
     return model, ByteTokenizer(cfg.vocab_size)
 
 

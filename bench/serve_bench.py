@@ -63,12 +63,14 @@ def prompt_text(i: int, chars: int) -> str:
     return " ".join(text[start : start + chars].split())
 
 
-async def one_stream(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_stream(c: httpx.AsyncClient, model: str, prompt: str | list[int], max_tokens: int) -> dict:
+    """One greedy streaming completion of exactly max_tokens tokens; its timings and text."""
     req = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
            "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
     usage = None
+    text = []
     async with c.stream("POST", "/v1/completions", json=req) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": (await r.aread()).decode()[:300]}
@@ -82,10 +84,11 @@ async def one_stream(c: httpx.AsyncClient, model: str, prompt: str, max_tokens: 
             if ev.get("choices") and ev["choices"][0]["text"]:
                 first = first if first is not None else now
                 last = now
+                text.append(ev["choices"][0]["text"])
     tokens = usage["completion_tokens"] if usage else 0
     return {"status": 200, "start": t0, "ttft": (first - t0) if first else None,
             "end": last or time.perf_counter(),
-            "tokens": tokens, "prompt_tokens": usage["prompt_tokens"] if usage else None,
+            "tokens": tokens, "prompt_tokens": usage["prompt_tokens"] if usage else None, "text": "".join(text),
             "itl": (last - first) / (tokens - 1) if first is not None and tokens > 1 else None}
 
 

@@ -18,6 +18,10 @@ typo fails the deployment with a clear message instead of inside a replica.
     dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
     cpus_per_rank, threads, ingress_replicas, retry_after_s
+    stream_interval_s     0: one stream chunk per engine step; > 0: a request's tokens are sent at most
+                          this often (the first at once), which many concurrent streams need: each chunk
+                          costs the replica's event loop ~0.2 ms, so 256 streams chunked per step can
+                          take longer than the step itself
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class ServeArgs:
     threads: int | None = None
     ingress_replicas: int = 1
     retry_after_s: float | None = None  # None: estimated from the replica's queue and step time
+    stream_interval_s: float = 0.0
 
     @classmethod
     def parse(cls, args: dict | None) -> ServeArgs:
@@ -79,7 +84,7 @@ class ServeArgs:
             for k in opt_ints:
                 if k in args:
                     args[k] = _opt_int(args[k])
-            for k in ("cpus_per_rank", "retry_after_s"):
+            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s"):
                 if args.get(k) is not None:
                     args[k] = float(args[k])
         except (TypeError, ValueError) as e:

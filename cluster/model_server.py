@@ -44,6 +44,23 @@ def replica_id() -> str:
         return "local"
 
 
+async def paced(stream, interval_s: float):
+    """Regroup a request's lists of outputs so that one goes out at most every `interval_s` seconds.
+
+    The first list and the one that finishes the request go at once; 0 passes every list through.
+    (Each chunk costs the replica's event loop ~0.2 ms in Serve's streaming, per request per step.)
+    """
+    held: list = []
+    sent_at = None
+    async with aclosing(stream):
+        async for outs in stream:
+            held.extend(outs)
+            now = time.monotonic()
+            if held[-1].finished or sent_at is None or now - sent_at >= interval_s:
+                sent_at, out, held = now, held, []
+                yield out
+
+
 class ModelServer:
     def __init__(self, args: dict, policy: str) -> None:
         self.cfg = ServeArgs.parse(args)
@@ -115,7 +132,7 @@ class ModelServer:
             return
         try:
             yield {"event": "start", "prompt_tokens": len(ids), "replica": self.replica}
-            async with aclosing(self.driver.stream(rid)) as stream:
+            async with aclosing(paced(self.driver.stream(rid), self.cfg.stream_interval_s)) as stream:
                 async for outs in stream:
                     last = outs[-1]
                     ev = {"event": "delta", "text": "".join(o.text for o in outs),

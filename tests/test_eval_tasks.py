@@ -85,3 +85,9 @@ def test_tasks_on_a_tiny_model():
     assert rows[("ppl", "window")]["ppl_tokens"] == 47 and rows[("ppl", "window")]["peak_cache_tokens"] <= 16
     assert rows[("ppl", "full")]["released"] == 0 and rows[("ppl", "adore")]["released"] > 0
     assert runner.run({**expand(cfg)[0], "params": {"prompt_tokens": 10**6}})["status"] == "error"
+
+
+def test_byte_tokenizer_shows_ids_past_the_bytes():
+    tok = ByteTokenizer(320)
+    assert tok.decode([1, *tok.encode("hé"), 300, 2]) == "hé<300>"
+    assert tok.decode([1, 300], skip_special_tokens=False) == "<1><300>"

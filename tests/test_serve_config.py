@@ -60,3 +60,24 @@ def test_cpu_defaults_and_fixed_replicas(monkeypatch):
 def test_bad_args_fail_at_build_time(args, msg):
     with pytest.raises(UserError, match=msg):
         ServeArgs.parse(args)
+
+
+def test_paced_stream_sends_first_and_last_at_once_and_groups_the_rest():
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.model_server import paced
+
+    async def steps(n):  # one output per engine step, 10 ms apart
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield [SimpleNamespace(token_id=i, finished=i == n - 1)]
+
+    async def collect(interval):
+        return [[o.token_id for o in outs] async for outs in paced(steps(12), interval)]
+
+    assert asyncio.run(collect(0.0)) == [[i] for i in range(12)]
+    grouped = asyncio.run(collect(0.045))
+    assert grouped[0] == [0] and grouped[-1][-1] == 11  # first at once, nothing lost, last flushed
+    assert sum(grouped, []) == list(range(12)) and len(grouped) < 6
+    assert ServeArgs.parse({"stream_interval_s": "0.25"}).stream_interval_s == 0.25

@@ -65,6 +65,8 @@ def shard_model(model, tp: int):
     dtype = next(model.parameters()).dtype
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype,
                                       replace_with_kernel_inject=False)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the unsliced weights are gone: give their memory back for the KV cache
     return engine.module
 
 

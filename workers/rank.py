@@ -67,8 +67,10 @@ class RankWorker:
         device = "cuda:0" if spec.uses_gpu else "cpu"
         if self.world > 1:
             dist.init_group(self.rank, self.world, addr, port, spec.device, spec.dist_timeout_s)
-            # AutoTP shards the weights and moves them to this rank's device.
-            model, tok = spec.load_model("cpu")
+            # AutoTP slices the weights and moves them to this rank's device. On a GPU the whole model
+            # is built there first (random weights: the same seed gives every rank the same values, and
+            # initialising on the GPU is minutes faster than on one CPU core); on CPU it stays put.
+            model, tok = spec.load_model(device)
             model = dist.shard_model(model, self.world)
         else:
             model, tok = spec.load_model(device)

@@ -47,6 +47,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=_top_k, default=96, help="keys per query row for adore (or 'none')")
     g.add_argument("--rebuild", type=int, default=8, help="released tokens rebuilt per step, R (default 8)")
     g.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
+    g.add_argument("--promote-margin", type=float, default=None,
+                   help="promote: a released token must beat the weakest cached one by this (logits)")
     g.add_argument("--controller", default=None, help="controller checkpoint (.safetensors); default: "
                    "the one shipped for the model, else a fresh one")
     g.add_argument("--adapter", default=None, help="LoRA adapter directory from `adore finetune`")
@@ -61,8 +63,9 @@ def load_parts(args):
     from .models import load_model
     from .policies import make_policy
 
+    margin = {} if args.promote_margin is None else {"promote_margin": args.promote_margin}
     cfg = AdoreConfig(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild,
-                      rebuild_mode=args.rebuild_mode)
+                      rebuild_mode=args.rebuild_mode, **margin)
     controller = None
     if args.controller:
         if not os.path.isfile(args.controller):

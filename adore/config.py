@@ -20,6 +20,8 @@ class AdoreConfig:
     rebuild:      R, released tokens rebuilt per step at most (adore only)
     rebuild_mode: "every" (the paper: the R best released tokens every step) or
                   "promote" (only released tokens whose score beats the weakest cached one)
+    promote_margin: how far (in controller logits) a released token must beat the weakest cached one
+                  to be promoted; damps churn when the scores move a little from step to step
     sink_tokens:  first tokens always kept by `sink` (StreamingLLM)
     stride:       spacing of the long-range tokens kept by `strided`
     recent_frac:  share of the budget reserved for the most recent tokens by `h2o` and `strided`
@@ -29,6 +31,7 @@ class AdoreConfig:
     top_k: int | None = 96
     rebuild: int = 8
     rebuild_mode: str = "promote"
+    promote_margin: float = 0.25  # bench/results/promote_margin.json: 4.6 -> 0.6 rebuilds a step, same ppl
     sink_tokens: int = 4
     stride: int = 16
     recent_frac: float = 0.5
@@ -42,6 +45,8 @@ class AdoreConfig:
             raise UserError(f"rebuild must be >= 0, got {self.rebuild}")
         if self.rebuild_mode not in ("every", "promote"):
             raise UserError(f"rebuild mode must be 'every' or 'promote', got {self.rebuild_mode!r}")
+        if self.promote_margin < 0:
+            raise UserError(f"promote margin must be >= 0, got {self.promote_margin}")
         if self.sink_tokens < 0 or self.stride < 1 or not 0.0 <= self.recent_frac <= 1.0:
             raise UserError("sink_tokens >= 0, stride >= 1 and 0 <= recent_frac <= 1 are required")
 

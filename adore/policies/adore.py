@@ -68,7 +68,7 @@ class AdorePolicy(Policy):
             return pos_scores.new_zeros(n, 0, dtype=torch.long), pos_scores.new_zeros(n, 0, dtype=torch.bool)
         cand = released[:, : pos_scores.shape[1]]
         if self.cfg.rebuild_mode == "promote":
-            cand = cand & (pos_scores > cached_min[:, None])
+            cand = cand & (pos_scores > cached_min[:, None] + self.cfg.promote_margin)
         s = pos_scores.masked_fill(~cand, float("-inf"))
         top = s.topk(R, dim=1)
         ok = torch.isfinite(top.values)

@@ -141,7 +141,8 @@ def main():
         meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "dtype": "float32",
                 "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "config": cfg_kw, "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
+                "config": {**cfg_kw, "promote_margin": AdoreConfig().promote_margin},
+                "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

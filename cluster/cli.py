@@ -30,6 +30,8 @@ def register(subparsers) -> None:
                    help="requests allowed to wait per replica (then 503)")
     g.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="requests Serve sends one replica at a time (default: max-batch + max-queue)")
+    g.add_argument("--stream-interval", type=float, default=0.0,
+                   help="seconds between a request's stream chunks (0: one per step; raise it for many streams)")
     g.add_argument("--cpus-per-rank", type=float, default=1.0, help="Ray CPUs reserved per rank")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
@@ -43,9 +45,12 @@ def serve_args(a) -> dict:
            "max_batch": a.max_batch, "max_queue": a.max_queue,
            "max_ongoing_requests": a.max_ongoing_requests or a.max_batch + a.max_queue,
            "cache_size": a.cache_size, "top_k": a.top_k, "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode,
+           "stream_interval_s": a.stream_interval,
            "controller": a.controller, "adapter": getattr(a, "adapter", None), "dtype": a.dtype,
            "device": a.device,
            "cpus_per_rank": a.cpus_per_rank, "threads": a.threads}
+    if a.promote_margin is not None:
+        out["promote_margin"] = a.promote_margin
     if a.max_seq_len:
         out["max_seq_len"] = a.max_seq_len
     return out

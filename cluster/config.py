@@ -13,7 +13,7 @@ typo fails the deployment with a clear message instead of inside a replica.
     max_queue             requests allowed to wait for an engine row per replica; beyond: 503. Serve's
                           router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
     max_seq_len           prompt + generation tokens per sequence
-    cache_size, top_k, rebuild, rebuild_mode, controller   the method (AdoreConfig)
+    cache_size, top_k, rebuild, rebuild_mode, promote_margin, controller   the method (AdoreConfig)
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
     dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from adore.config import UserError
+from adore.config import AdoreConfig, UserError
 from workers.spec import EngineSpec
 
 API_TOKEN_ENV = "ADORE_API_TOKEN"
@@ -57,6 +57,7 @@ class ServeArgs:
     top_k: int | None = 96
     rebuild: int = 8
     rebuild_mode: str = "promote"
+    promote_margin: float = AdoreConfig.promote_margin
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"
@@ -84,7 +85,7 @@ class ServeArgs:
             for k in opt_ints:
                 if k in args:
                     args[k] = _opt_int(args[k])
-            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s"):
+            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s", "promote_margin"):
                 if args.get(k) is not None:
                     args[k] = float(args[k])
         except (TypeError, ValueError) as e:
@@ -161,7 +162,8 @@ class ServeArgs:
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         return EngineSpec(model=self.model, policy=policy, cache_size=self.cache_size, top_k=self.top_k,
-                          rebuild=self.rebuild, rebuild_mode=self.rebuild_mode, controller=self.controller,
+                          rebuild=self.rebuild, rebuild_mode=self.rebuild_mode,
+                          promote_margin=self.promote_margin, controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                           threads=self.threads)

@@ -20,6 +20,7 @@ class EngineSpec:
     top_k: int | None = 96
     rebuild: int = 8
     rebuild_mode: str = "promote"
+    promote_margin: float = AdoreConfig.promote_margin
     controller: str | None = None  # controller checkpoint (.safetensors); None: the shipped default
     adapter: str | None = None  # LoRA adapter directory (`adore finetune`), merged before sharding
     dtype: str = "float32"
@@ -43,7 +44,7 @@ class EngineSpec:
 
     def adore_config(self) -> AdoreConfig:
         return AdoreConfig(cache_size=self.cache_size, top_k=self.top_k, rebuild=self.rebuild,
-                           rebuild_mode=self.rebuild_mode)
+                           rebuild_mode=self.rebuild_mode, promote_margin=self.promote_margin)
 
     def replace(self, **kw) -> EngineSpec:
         return EngineSpec(**{**asdict(self), **kw})

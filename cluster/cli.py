@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 
 
@@ -87,8 +88,22 @@ def cmd_serve(a) -> int:
     except KeyboardInterrupt:
         print("adore: shutting down", file=sys.stderr, flush=True)
     finally:
-        try:
-            serve.delete("adore") if a.address else serve.shutdown()  # a shared cluster keeps its Serve
+        try:  # a shared cluster keeps its Serve; ours goes, but Ctrl-C must not wait on it forever
+            stop = (lambda: serve.delete("adore")) if a.address else serve.shutdown
+            if not _within(stop, STOP_TIMEOUT_S):
+                print(f"adore: Serve did not stop within {STOP_TIMEOUT_S:.0f}s; stopping Ray", file=sys.stderr,
+                      flush=True)
         finally:
-            ray.shutdown()
+            ray.shutdown()  # ends the local Ray we started (its replicas and rank actors with it)
     return 0
+
+
+STOP_TIMEOUT_S = 45.0
+
+
+def _within(fn, timeout_s: float) -> bool:
+    """Run fn in a daemon thread; False if it is still running after timeout_s."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()

@@ -72,7 +72,10 @@ def cmd_serve(a) -> int:
 
     from .app import build_app
 
+    # Both stop us the same way. SIGINT explicitly: a parent that ignores it (Ray does, in a process
+    # that ran ray.init) passes SIG_IGN on to us, and Ctrl-C would then never reach the loop below.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     if a.address:
         ray.init(address=a.address)
     else:

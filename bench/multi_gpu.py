@@ -240,8 +240,9 @@ def agreement(texts_a: list[str], texts_b: list[str]) -> dict:
 
 # -- output ------------------------------------------------------------------------------------------
 def _same_setup(r: dict) -> tuple:
-    """Runs comparable for scaling: same policy, sequences per GPU and stream interval."""
-    return r["policy"], r["batch_per_replica"] // r["tp"], r.get("stream_interval_s", 0.0)
+    """Runs comparable for scaling: same call (merged files keep theirs: the 1-GPU baseline is the one
+    measured beside the run), policy, sequences per GPU and stream interval."""
+    return r.get("call", 0), r["policy"], r["batch_per_replica"] // r["tp"], r.get("stream_interval_s", 0.0)
 
 
 def add_efficiency(runs: list[dict]) -> None:
@@ -262,7 +263,8 @@ def plot(out: dict, path: Path) -> None:
     except ImportError:
         return
     main_interval = out.get("stream_interval_s", 0.0)
-    runs = [r for r in out["runs"] if r.get("stream_interval_s", 0.0) == main_interval]
+    runs = [r for r in out["runs"] if r.get("stream_interval_s", 0.0) == main_interval
+            and "superseded_by_call" not in r]
     policies = sorted({r["policy"] for r in runs})
     layouts = ["1x1", "1x2", "2x1"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -298,12 +300,18 @@ def write(out: dict, path: Path) -> None:
 
 def merge(files: list[str], path: Path) -> int:
     parts = [json.loads(Path(f).read_text()) for f in files]
-    for part in parts:  # files from before stream_interval_s existed ran with one chunk per step
+    for i, part in enumerate(parts):  # files from before stream_interval_s existed ran with one chunk per step
         for r in part["runs"]:
             r.setdefault("stream_interval_s", part.get("stream_interval_s", 0.0))
+            r["call"] = i
     out = dict(parts[-1])
     out["commands"] = [p["command"] for p in parts]
     out["runs"] = [r for p in parts for r in p["runs"]]
+    for r in out["runs"]:  # a later call's run of the same setup replaces an earlier one (kept, marked)
+        later = [q["call"] for q in out["runs"] if q["call"] > r["call"] and q["layout"] == r["layout"]
+                 and _same_setup(q)[1:] == _same_setup(r)[1:]]
+        if later:
+            r["superseded_by_call"] = max(later)
     out["tp_check"] = next((p["tp_check"] for p in parts if p.get("tp_check")), None)
     out["agreement"] = {k: v for p in parts for k, v in p.get("agreement", {}).items()}
     write(out, path)

@@ -134,5 +134,6 @@ def cmd_finetune(args) -> int:
     _, report = finetune(model, seqs, cfg, out_dir=args.out,
                          meta={"model": args.model, "text_files": args.text_files,
                                "command": "adore " + " ".join(sys.argv[1:])})
-    print(json.dumps({k: report[k] for k in ("steps", "seconds", "loss_first", "loss_last10")}))
+    print(json.dumps({k: report.get(k) for k in ("steps", "seconds", "step_s_median", "loss_first", "loss_last10",
+                                                  "trainable_params", "peak_gpu_gib")}))
     return 0

@@ -117,22 +117,32 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     data = torch.stack(seqs)
     dev = next(pm.parameters()).device
-    losses, t0 = [], time.time()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    losses, step_s, t0 = [], [], time.time()
     pm.train()
     bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not progress)
     for _ in bar:
+        ts = time.perf_counter()
         b = data[torch.randint(len(data), (cfg.batch,))].to(dev)
         loss = pm(input_ids=b, labels=b).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # .item() syncs the GPU: step_s is the whole step
+        step_s.append(time.perf_counter() - ts)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     pm.eval()
     report = {"config": asdict(cfg), "steps": len(losses), "seconds": round(time.time() - t0, 1),
               "loss_first": losses[0] if losses else None,
               "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-              "ppl_last10": math.exp(sum(losses[-10:]) / max(1, len(losses[-10:]))), **(meta or {})}
+              "ppl_last10": math.exp(sum(losses[-10:]) / max(1, len(losses[-10:]))),
+              # median step time after the first (which pays for kernel selection and allocator warm-up)
+              "step_s_median": sorted(step_s[1:])[len(step_s[1:]) // 2] if len(step_s) > 1 else None,
+              "trainable_params": sum(p.numel() for p in params), "device": str(dev), **(meta or {})}
+    if dev.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(dev)
+        report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     if out_dir:
         save_adapter(pm, out_dir, report)
     return pm, report

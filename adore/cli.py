@@ -49,6 +49,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
     g.add_argument("--promote-margin", type=float, default=None,
                    help="promote: a released token must beat the weakest cached one by this (logits)")
+    g.add_argument("--protect-recent", type=int, default=0,
+                   help="adore: never release the last N positions (default 0: the controller decides)")
     g.add_argument("--controller", default=None, help="controller checkpoint (.safetensors); default: "
                    "the one shipped for the model, else a fresh one")
     g.add_argument("--adapter", default=None, help="LoRA adapter directory from `adore finetune`")
@@ -65,7 +67,7 @@ def load_parts(args):
 
     margin = {} if args.promote_margin is None else {"promote_margin": args.promote_margin}
     cfg = AdoreConfig(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild,
-                      rebuild_mode=args.rebuild_mode, **margin)
+                      rebuild_mode=args.rebuild_mode, protect_recent=args.protect_recent, **margin)
     controller = None
     if args.controller:
         if not os.path.isfile(args.controller):

@@ -22,6 +22,7 @@ class AdoreConfig:
                   "promote" (only released tokens whose score beats the weakest cached one)
     promote_margin: how far (in controller logits) a released token must beat the weakest cached one
                   to be promoted; damps churn when the scores move a little from step to step
+    protect_recent: adore: the last N positions are never released (the controller picks the rest)
     sink_tokens:  first tokens always kept by `sink` (StreamingLLM)
     stride:       spacing of the long-range tokens kept by `strided`
     recent_frac:  share of the budget reserved for the most recent tokens by `h2o` and `strided`
@@ -32,6 +33,7 @@ class AdoreConfig:
     rebuild: int = 8
     rebuild_mode: str = "promote"
     promote_margin: float = 0.25  # bench/results/promote_margin.json: 4.6 -> 0.6 rebuilds a step, same ppl
+    protect_recent: int = 0
     sink_tokens: int = 4
     stride: int = 16
     recent_frac: float = 0.5
@@ -47,6 +49,8 @@ class AdoreConfig:
             raise UserError(f"rebuild mode must be 'every' or 'promote', got {self.rebuild_mode!r}")
         if self.promote_margin < 0:
             raise UserError(f"promote margin must be >= 0, got {self.promote_margin}")
+        if self.protect_recent < 0 or (self.cache_size is not None and self.protect_recent >= self.cache_size):
+            raise UserError(f"protect_recent must be >= 0 and below the cache size, got {self.protect_recent}")
         if self.sink_tokens < 0 or self.stride < 1 or not 0.0 <= self.recent_frac <= 1.0:
             raise UserError("sink_tokens >= 0, stride >= 1 and 0 <= recent_frac <= 1 are required")
 

@@ -52,6 +52,8 @@ def serve_args(a) -> dict:
            "cpus_per_rank": a.cpus_per_rank, "threads": a.threads}
     if a.promote_margin is not None:
         out["promote_margin"] = a.promote_margin
+    if a.protect_recent:
+        out["protect_recent"] = a.protect_recent
     if a.max_seq_len:
         out["max_seq_len"] = a.max_seq_len
     return out

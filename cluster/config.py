@@ -13,7 +13,7 @@ typo fails the deployment with a clear message instead of inside a replica.
     max_queue             requests allowed to wait for an engine row per replica; beyond: 503. Serve's
                           router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
     max_seq_len           prompt + generation tokens per sequence
-    cache_size, top_k, rebuild, rebuild_mode, promote_margin, controller   the method (AdoreConfig)
+    cache_size, top_k, rebuild, rebuild_mode, promote_margin, protect_recent, controller   the method (AdoreConfig)
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
     dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
@@ -58,6 +58,7 @@ class ServeArgs:
     rebuild: int = 8
     rebuild_mode: str = "promote"
     promote_margin: float = AdoreConfig.promote_margin
+    protect_recent: int = 0
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"
@@ -76,7 +77,7 @@ class ServeArgs:
         if unknown:
             raise UserError(f"unknown serve args: {sorted(unknown)}; known: {sorted(known)}")
         ints = ("tp", "max_ongoing_requests", "max_batch", "max_queue", "max_seq_len", "rebuild",
-                "ingress_replicas")
+                "ingress_replicas", "protect_recent")
         opt_ints = ("num_replicas", "min_replicas", "max_replicas", "cache_size", "top_k", "threads")
         try:
             for k in ints:
@@ -163,7 +164,8 @@ class ServeArgs:
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         return EngineSpec(model=self.model, policy=policy, cache_size=self.cache_size, top_k=self.top_k,
                           rebuild=self.rebuild, rebuild_mode=self.rebuild_mode,
-                          promote_margin=self.promote_margin, controller=self.controller,
+                          promote_margin=self.promote_margin, protect_recent=self.protect_recent,
+                          controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                           threads=self.threads)

@@ -116,6 +116,27 @@ def test_adore_keeps_best_by_controller_and_rebuilds(tiny, mode):
     assert n_rebuilt > 0
 
 
+def test_adore_protect_recent_never_releases_the_last_n(tiny):
+    from adore.controller import Controller, ControllerConfig
+
+    torch.manual_seed(1)
+    ctrl = Controller(ControllerConfig(embed_dim=tiny[0].config.hidden_size))
+    with torch.no_grad():  # random strong scores: unprotected, the controller drops recent tokens too
+        for p in ctrl.parameters():
+            p.normal_(0, 0.5)
+    N = 8
+    pol = make_policy("adore", AdoreConfig(cache_size=M, top_k=None, rebuild=0, protect_recent=N), ctrl)
+    for eng, _, tr in run_traced(*tiny, pol):
+        cur = int(tr["cur_pos"][0])
+        assert set(range(cur - N + 1, cur + 1)) <= kept(eng)
+        # the rest: the best of the unprotected candidates by controller score
+        s = tr["pos_scores"][0]
+        rest = sorted((p for p in candidates(tr) if p <= cur - N), key=lambda p: -s[p].item())[: M - N]
+        assert kept(eng) - set(range(cur - N + 1, cur + 1)) == set(rest)
+    with pytest.raises(ValueError, match="protect_recent"):
+        AdoreConfig(cache_size=M, protect_recent=M)
+
+
 @pytest.mark.parametrize("name,mode", [("h2o", "promote"), ("adore", "every"), ("adore", "promote")])
 def test_kv_memory_stays_at_budget(tiny_gqa, name, mode):
     """2,000 generated tokens with m=64: the KV tensors never grow and never hold more than m."""

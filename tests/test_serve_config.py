@@ -46,6 +46,13 @@ def test_cpu_defaults_and_fixed_replicas(monkeypatch):
     assert cfg.top_k is None and cfg.engine_spec("adore").dtype == "float32"
 
 
+def test_method_knobs_reach_the_engine_config():
+    cfg = ServeArgs.parse({"model": "random:tiny", "policies": "adore", "device": "cpu",
+                           "promote_margin": "0.5", "protect_recent": "16", "rebuild": "4"})
+    a = cfg.engine_spec("adore").adore_config()
+    assert (a.promote_margin, a.protect_recent, a.rebuild) == (0.5, 16, 4)
+
+
 @pytest.mark.parametrize("args,msg", [
     ({"modle": "x"}, "unknown serve args"),
     ({"num_replicas": 1, "min_replicas": 1, "max_replicas": 2}, "not both"),
@@ -56,6 +63,7 @@ def test_cpu_defaults_and_fixed_replicas(monkeypatch):
     ({"tp": 0}, "tp must be"),
     ({"tp": "two"}, "bad serve arg"),
     ({"cache_size": 0}, "cache size"),
+    ({"protect_recent": 192}, "protect_recent"),
 ])
 def test_bad_args_fail_at_build_time(args, msg):
     with pytest.raises(UserError, match=msg):

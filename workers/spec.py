@@ -21,6 +21,7 @@ class EngineSpec:
     rebuild: int = 8
     rebuild_mode: str = "promote"
     promote_margin: float = AdoreConfig.promote_margin
+    protect_recent: int = 0  # adore: the last N positions are never released
     controller: str | None = None  # controller checkpoint (.safetensors); None: the shipped default
     adapter: str | None = None  # LoRA adapter directory (`adore finetune`), merged before sharding
     dtype: str = "float32"
@@ -44,7 +45,8 @@ class EngineSpec:
 
     def adore_config(self) -> AdoreConfig:
         return AdoreConfig(cache_size=self.cache_size, top_k=self.top_k, rebuild=self.rebuild,
-                           rebuild_mode=self.rebuild_mode, promote_margin=self.promote_margin)
+                           rebuild_mode=self.rebuild_mode, promote_margin=self.promote_margin,
+                           protect_recent=self.protect_recent)
 
     def replace(self, **kw) -> EngineSpec:
         return EngineSpec(**{**asdict(self), **kw})

@@ -53,6 +53,8 @@ class AdorePolicy(Policy):
             s = self.controller.score(query, feat_at[:n, :P], dist)
         else:  # the no-controller prior: sinks, then recency
             s = (-dist).double() + BIG * (pos[None, :] < self.cfg.sink_tokens)
+        if self.cfg.protect_recent:
+            s = s.double() + BIG * (dist < self.cfg.protect_recent)
         return s.masked_fill(dist < 0, float("-inf"))
 
     def keep_scores(self, view: SlotView):

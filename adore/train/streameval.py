@@ -26,6 +26,8 @@ STATIC_POLICIES = ("full", "window", "sink", "strided", "adore", "adore-norebuil
 
 def is_static(policy: str, cfg: AdoreConfig) -> bool:
     """Whether `policy` under cfg has a cache membership the token sequence alone decides."""
+    if policy.startswith("adore") and cfg.protect_recent:
+        return False  # the simulation below does not model the protected window: use the engine
     if policy in ("adore", "adore-nocontroller"):
         return cfg.rebuild == 0 or policy == "adore-nocontroller" and cfg.rebuild_mode == "promote"
     return policy in STATIC_POLICIES

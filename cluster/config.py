@@ -58,7 +58,7 @@ class ServeArgs:
     rebuild: int = 8
     rebuild_mode: str = "promote"
     promote_margin: float = AdoreConfig.promote_margin
-    protect_recent: int = 0
+    protect_recent: int = AdoreConfig.protect_recent
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"

@@ -21,7 +21,7 @@ class EngineSpec:
     rebuild: int = 8
     rebuild_mode: str = "promote"
     promote_margin: float = AdoreConfig.promote_margin
-    protect_recent: int = 0  # adore: the last N positions are never released
+    protect_recent: int = AdoreConfig.protect_recent  # adore: the last N positions are never released
     controller: str | None = None  # controller checkpoint (.safetensors); None: the shipped default
     adapter: str | None = None  # LoRA adapter directory (`adore finetune`), merged before sharding
     dtype: str = "float32"

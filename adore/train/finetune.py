@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -131,14 +132,14 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
         opt.step()
         losses.append(loss.item())  # .item() syncs the GPU: step_s is the whole step
         step_s.append(time.perf_counter() - ts)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     pm.eval()
     report = {"config": asdict(cfg), "steps": len(losses), "seconds": round(time.time() - t0, 1),
               "loss_first": losses[0] if losses else None,
               "loss_last10": sum(losses[-10:]) / max(1, len(losses[-10:])),
               "ppl_last10": math.exp(sum(losses[-10:]) / max(1, len(losses[-10:]))),
               # median step time after the first (which pays for kernel selection and allocator warm-up)
-              "step_s_median": sorted(step_s[1:])[len(step_s[1:]) // 2] if len(step_s) > 1 else None,
+              "step_s_median": statistics.median(step_s[1:]) if len(step_s) > 1 else None,
               "trainable_params": sum(p.numel() for p in params), "device": str(dev), **(meta or {})}
     if dev.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(dev)

@@ -144,9 +144,11 @@ def perplexity(engine, ids: list[int], progress: bool = True) -> dict:
         bar.update(len(engine.step()))
     bar.close()
     dt = time.perf_counter() - t0
-    lps = engine.result(rid).logprobs
+    res = engine.result(rid)
+    lps = res.logprobs
     nll = -sum(lps) / len(lps)
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": len(lps), "seconds": round(dt, 3),
+    return {"ppl": math.exp(nll), "nll": nll, "top1": round(sum(res.top1) / len(lps), 4),
+            "tokens": len(lps), "seconds": round(dt, 3),
             "tokens_per_s": round(len(lps) / dt, 2), **engine.policy.describe(),
             "peak_cache_tokens": engine.stats["peak_cache_tokens"],
             "peak_step_tokens": engine.stats["peak_step_tokens"],

@@ -55,6 +55,7 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     logprobs: list[float]
+    top1: list[bool]  # per token: was it the model's most likely one (forced: did greedy agree)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _Request:
     gen: torch.Generator | None = None
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top1: list[bool] = field(default_factory=list)
     next_pos: int = 0  # position of the pending token
     finish_reason: str | None = None
 
@@ -212,8 +214,8 @@ class Engine:
         self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
         logits = self.lm_head(hidden[:, -1:])[:, 0]  # 3-D in: DeepSpeed's sharded head slices [B, S, H]
         req.next_pos = P
-        (tok,), (lp,) = self._choose([req], logits)
-        self._emit(req, tok, lp, outs)
+        (tok,), (lp,), (hit,) = self._choose([req], logits)
+        self._emit(req, tok, lp, hit, outs)
         if req.finish_reason is not None:
             self._free_rows([self.rows.index(req.rid)])
 
@@ -291,22 +293,24 @@ class Engine:
 
         # 5. next tokens
         done = []
-        toks, lps = self._choose(reqs, logits)
+        toks, lps, hits = self._choose(reqs, logits)
         for i, req in enumerate(reqs):
             req.next_pos += 1
-            self._emit(req, toks[i], lps[i], outs)
+            self._emit(req, toks[i], lps[i], hits[i], outs)
             if req.finish_reason is not None:
                 done.append(i)
         self._free_rows(done)
 
     # -- tokens out ------------------------------------------------------------------------------
-    def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Next token and its log-probability for each request: logits [n, V].
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor
+                ) -> tuple[list[int], list[float], list[bool]]:
+        """Next token, its log-probability and whether it is the argmax, for each request: logits [n, V].
 
         Greedy and forced rows are decided in one batched op and cross to the host once (a per-row
         `.item()` would cost one device sync per sequence)."""
         n = len(reqs)
-        tok = torch.argmax(logits, dim=-1)
+        greedy = torch.argmax(logits, dim=-1)
+        tok = greedy.clone()
         forced = [i for i, r in enumerate(reqs) if r.params.forced_tokens is not None]
         if forced:
             tok[forced] = torch.tensor([reqs[i].params.forced_tokens[len(reqs[i].out)] for i in forced],
@@ -315,13 +319,14 @@ class Engine:
             if r.params.forced_tokens is None and r.params.temperature > 0:
                 tok[i] = pick_token(logits[i], r.params.temperature, r.params.top_p, r.gen)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
-        both = torch.stack([tok.double(), logp.double()]).cpu()  # the step's one host transfer
-        return [int(t) for t in both[0, :n]], both[1, :n].tolist()
+        both = torch.stack([tok.double(), logp.double(), (tok == greedy).double()]).cpu()  # one transfer
+        return [int(t) for t in both[0, :n]], both[1, :n].tolist(), [bool(h) for h in both[2, :n]]
 
-    def _emit(self, req: _Request, tok: int, logprob: float, outs: list[StepOutput]) -> None:
+    def _emit(self, req: _Request, tok: int, logprob: float, top1: bool, outs: list[StepOutput]) -> None:
         p = req.params
         req.out.append(tok)
         req.logprobs.append(logprob)
+        req.top1.append(top1)
         stop_ids = set(p.stop_token_ids) if p.stop_token_ids is not None else self.eos_ids
         reason = None
         if p.forced_tokens is None and not p.ignore_eos and tok in stop_ids:
@@ -353,7 +358,8 @@ class Engine:
     # -- convenience -----------------------------------------------------------------------------
     def result(self, rid: str) -> RequestOutput:
         r = self.requests[rid]
-        return RequestOutput(rid, r.prompt, list(r.out), r.detok.text, r.finish_reason, list(r.logprobs))
+        return RequestOutput(rid, r.prompt, list(r.out), r.detok.text, r.finish_reason, list(r.logprobs),
+                             list(r.top1))
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
                  progress=None) -> list[RequestOutput]:

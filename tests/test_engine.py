@@ -133,3 +133,19 @@ def test_packed_rows_equal_padded_rows(tiny_gqa, mode):
     for a, b in zip(padded, packed):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_top1_flags_forced_tokens_against_greedy(tiny):
+    """Forcing the model's own greedy continuation agrees at every step; forcing another token at
+    one step is flagged there (and only there), with that token's lower log-probability."""
+    model, tok = tiny
+    eng = Engine(model, tok, make_policy("sink", AdoreConfig(cache_size=16)), max_batch=2, max_seq_len=64)
+    greedy = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert greedy.top1 == [True] * 20
+    forced = list(greedy.token_ids)
+    forced[7] = (forced[7] + 1) % model.config.vocab_size
+    same, other = eng.generate([PROMPTS[1]] * 2, [SamplingParams(forced_tokens=greedy.token_ids),
+                                                  SamplingParams(forced_tokens=forced)])
+    assert same.top1 == [True] * 20 and same.logprobs == pytest.approx(greedy.logprobs, abs=1e-5)
+    assert other.top1[:7] == [True] * 7 and other.top1[7] is False
+    assert other.logprobs[7] < greedy.logprobs[7]

@@ -1,0 +1,73 @@
+"""Where a decode step's time goes: torch.profiler over a few engine steps on a GPU.
+
+    python bench/profile_step.py --method adore --batch 512 --history 1024
+
+Random weights (`random:llama2-7b`, bf16, like bench/gpu_throughput.py). Prefills `--batch`
+sequences, decodes until each holds `--history` tokens, then profiles `--steps` decode steps and
+prints the CUDA kernels and CPU ops that took the most time, plus the step time with and without
+the profiler. Writes a Chrome trace when --trace is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from adore import AdoreConfig, SamplingParams  # noqa: E402
+from adore.engine import Engine  # noqa: E402
+from adore.models import load_model  # noqa: E402
+from adore.policies import make_policy  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random:llama2-7b")
+    ap.add_argument("--method", default="adore")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--history", type=int, default=1024, help="tokens each sequence holds when profiled")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--rows", type=int, default=25, help="table rows to print")
+    ap.add_argument("--trace", default=None, help="write a Chrome trace here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_step.py needs a CUDA GPU")
+    model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
+    cfg = AdoreConfig(rebuild_mode=args.rebuild_mode)
+    eng = Engine(model, tok, make_policy(args.method, cfg), max_batch=args.batch,
+                 max_seq_len=args.history + args.steps + 40, cuda_graphs=not args.no_graphs)
+    g = torch.Generator().manual_seed(0)
+    for p in torch.randint(3, model.config.vocab_size, (args.batch, 32), generator=g).tolist():
+        eng.add_request(p, SamplingParams(max_tokens=args.history + args.steps + 4 - 32, ignore_eos=True))
+    while eng.n_active < args.batch or eng.requests[next(iter(eng.requests))].next_pos < args.history:
+        eng.step()
+
+    def timed(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    plain = timed(args.steps)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        profiled = timed(args.steps)
+    print(f"{torch.cuda.get_device_name()} {args.method} batch {args.batch} history {args.history}: "
+          f"{plain:.2f} ms/step ({profiled:.2f} under the profiler), rebuilt so far {eng.stats['rebuilt']}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=1024, help="tokens each sequence holds when profiled")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
+    ap.add_argument("--top-k", type=lambda v: None if v.lower() == "none" else int(v), default=96)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--rows", type=int, default=25, help="table rows to print")
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
@@ -40,12 +41,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
     model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
-    cfg = AdoreConfig(rebuild_mode=args.rebuild_mode)
+    cfg = AdoreConfig(top_k=args.top_k, rebuild_mode=args.rebuild_mode)
     eng = Engine(model, tok, make_policy(args.method, cfg), max_batch=args.batch,
-                 max_seq_len=args.history + args.steps + 40, cuda_graphs=not args.no_graphs)
+                 max_seq_len=args.history + 2 * args.steps + 16, cuda_graphs=not args.no_graphs)
     g = torch.Generator().manual_seed(0)
     for p in torch.randint(3, model.config.vocab_size, (args.batch, 32), generator=g).tolist():
-        eng.add_request(p, SamplingParams(max_tokens=args.history + args.steps + 4 - 32, ignore_eos=True))
+        # long enough for the warm-up, the timed steps and the profiled steps: none may finish early
+        eng.add_request(p, SamplingParams(max_tokens=args.history - 32 + 2 * args.steps + 8,
+                                           ignore_eos=True))
     while eng.n_active < args.batch or eng.requests[next(iter(eng.requests))].next_pos < args.history:
         eng.step()
 
@@ -58,10 +61,13 @@ def main() -> None:
         return (time.perf_counter() - t0) / n * 1e3
 
     plain = timed(args.steps)
+    assert eng.n_active == args.batch, "a sequence finished inside the measured steps"
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         profiled = timed(args.steps)
-    print(f"{torch.cuda.get_device_name()} {args.method} batch {args.batch} history {args.history}: "
+    assert eng.n_active == args.batch, "a sequence finished inside the profiled steps"
+    print(f"{torch.cuda.get_device_name()} {args.method} top-k {args.top_k} batch {args.batch} "
+          f"history {args.history}: "
           f"{plain:.2f} ms/step ({profiled:.2f} under the profiler), rebuilt so far {eng.stats['rebuilt']}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=60))

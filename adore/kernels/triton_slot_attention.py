@@ -19,8 +19,11 @@ Two paths, chosen by C (the number of slots):
   float (`bits if bits >= 0 else bits ^ 0x7FFFFFFF`), and a binary search on the key, in registers,
   keeps a bracket [lo, hi) with count(key >= lo) >= K > count(key >= hi), starting from the min and
   max allowed score; at hi == lo + 1, lo is exactly the key of the K-th largest allowed score (at
-  most 32 steps of one compare + row count).  Rows with fewer than K allowed keys keep them all (the
-  reference's K-th largest is then -inf).  The mask is `score >= threshold`, so ties are kept.
+  most 32 steps of one compare + row count).  A row stops early once some candidate counts exactly
+  K (it then keeps the same K keys as the K-th largest would): with distinct scores that takes
+  about a third of the steps, since the bracket need only fall between the K-th and K+1-th score.
+  Rows with fewer than K allowed keys keep them all (the reference's K-th largest is then -inf).
+  The mask is `score >= threshold`, so ties are kept.
   `topk_method="sort"` uses `tl.sort` of the row instead (also exact; 3-4x slower on an H100).
 * C > `MAX_ONE_TILE` (full attention): `_blocked_kernel` loops over the slots in BLOCK_N (64)
   blocks with an online softmax in fp32 (exp2, running max and sum per row).  When top-K or the mass
@@ -142,10 +145,12 @@ def _key_f32(key):
 
 @triton.jit
 def _kth_largest(s, ok, top_k):
-    """K-th largest of each row of s [M, N] (fp32, -inf where not ok), or -inf where a row has fewer
-    than K allowed keys.  Exact: binary search on the int32 keys, all in registers.  The bracket
-    [lo, hi) keeps count(key >= lo) >= K > count(key >= hi), starting from [min, max] of the allowed
-    scores; every candidate is > key(-inf), so disallowed keys are never counted."""
+    """Top-K threshold of each row of s [M, N] (fp32, -inf where not ok): the K-th largest, or a
+    value t with exactly K scores >= t (the same kept set), or -inf where a row has fewer than K
+    allowed keys.  Exact: binary search on the int32 keys, all in registers.  The bracket [lo, hi)
+    keeps count(key >= lo) >= K > count(key >= hi), starting from [min, max] of the allowed scores;
+    every candidate is > key(-inf), so disallowed keys are never counted.  A row whose candidate
+    counts exactly K is done (hi = lo + 1) without narrowing further."""
     key = _f32_key(s)
     need = tl.sum(ok.to(tl.int32), axis=1) >= top_k
     smin = tl.min(tl.where(ok, s, float("inf")), axis=1)
@@ -153,9 +158,10 @@ def _kth_largest(s, ok, top_k):
     hi = tl.where(need, _f32_key(tl.max(s, axis=1)).to(tl.int64) + 1, 1)
     while tl.max(hi - lo, axis=0) > 1:
         mid = lo + (hi - lo) // 2
-        ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1) >= top_k
+        cnt = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        ge = cnt >= top_k
         lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid)
+        hi = tl.where(cnt == top_k, mid + 1, tl.where(ge, hi, mid))
     return tl.where(need, _key_f32(lo.to(tl.int32)), float("-inf"))
 
 
@@ -316,6 +322,9 @@ def _blocked_kernel(
             lt = (counts < top_k) & (idx[None, :] >= 1)
             lo = tl.max(tl.where(ge, cands, lo[:, None]), axis=1)
             hi = tl.min(tl.where(lt, cands, hi[:, None]), axis=1)
+            # a candidate counting exactly K keeps the same set as the K-th largest: stop that row
+            exact = tl.max(((counts == top_k) & (idx[None, :] >= 1)).to(tl.int32), axis=1) > 0
+            hi = tl.where(exact, lo + 1, hi)
             width = hi - lo
         thr = tl.where(need, _key_f32(lo.to(tl.int32)), float("-inf"))
 

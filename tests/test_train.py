@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from adore import AdoreConfig, SamplingParams
 from adore.cli import main
 from adore.controller import Controller, ControllerConfig
+from adore.engine import Engine
+from adore.policies import make_policy
 from adore.train.controller import TrainConfig, save_checkpoint, train_controller
 from adore.train.labels import LabelConfig, attention_topk, build_dataset, dense_labels, segments
 from adore.train.metrics import evaluate
@@ -146,3 +149,51 @@ def test_cli_train_controller_and_finetune(tmp_path, capsys):
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 39
     assert main(["train-controller", "--model", "random:tiny", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_self_generated_is_prompt_plus_greedy_continuation(tiny):
+    from adore.train.labels import self_generated
+
+    model, tok = tiny
+    prompts = [torch.arange(5, 5 + n) for n in (8, 8, 8)]
+    seqs = self_generated(model, tok, prompts, 12, batch=2)
+    eng = Engine(model, tok, make_policy("full", AdoreConfig()), max_batch=1, max_seq_len=32)
+    for p, s in zip(prompts, seqs):
+        alone = eng.generate([p.tolist()], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+        assert s.tolist() == p.tolist() + alone
+
+
+def test_fine_tuning_from_init_never_ends_worse(tiny, tiny_data):
+    """init: the starting controller is the first candidate, so the result's validation loss is at
+    most the start's; row_min restricts the rows (and a bad one is refused)."""
+    model, _ = tiny
+    data, _ = tiny_data
+    base_cfg = TrainConfig(steps=20, batch=4, rows=32, lr=1e-2, eval_every=10, top_k=16, budget=32, rebuild=2)
+    start, _ = train_controller(data, model.model.embed_tokens, base_cfg, progress=False)
+    cfg = TrainConfig(steps=10, batch=4, rows=32, lr=5e-2, eval_every=5, top_k=16, budget=32, rebuild=2,
+                      row_min=64)
+    tuned, report = train_controller(data, model.model.embed_tokens, cfg, progress=False, init=start)
+    assert report["history"][0]["step"] == 0
+    assert report["best_val_loss"] <= report["history"][0]["val_loss"]
+    assert tuned.cfg == start.cfg and tuned is not start
+    with pytest.raises(ValueError, match="row_min"):
+        train_controller(data, model.model.embed_tokens, TrainConfig(steps=1, row_min=128, top_k=16),
+                         progress=False)
+
+
+def test_cli_train_controller_self_generated(tmp_path):
+    emma = str(DATA / "emma.txt")
+    first = tmp_path / "a.safetensors"
+    assert main(["train-controller", "--model", "random:tiny", "--text-files", emma, "--seq-len", "64",
+                 "--per-text", "3", "--steps", "2", "--top-k", "8", "--budget", "16", "--out", str(first)]) == 0
+    out = tmp_path / "b.safetensors"
+    assert main(["train-controller", "--model", "random:tiny", "--text-files", emma, "--self-generated", "4",
+                 "--prompt-len", "16", "--seq-len", "48", "--rows-from", "16", "--init", str(first),
+                 "--steps", "2", "--top-k", "8", "--budget", "16", "--out", str(out)]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["self_generated"] == 4 and rep["init"] == str(first)
+    assert rep["sequences"]["tokens_per_sequence"] == 48 and rep["train_config"]["row_min"] == 16
+    assert main(["train-controller", "--model", "random:tiny", "--text-files", emma, "--self-generated", "4",
+                 "--prompt-len", "64", "--seq-len", "48", "--out", str(out)]) == 2
+    assert main(["train-controller", "--model", "random:tiny", "--text-files", emma, "--init",
+                 str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2

@@ -25,6 +25,13 @@ def register(sub) -> None:
     t.add_argument("--heldout-file", default=None, help="text to report held-out metrics on (first segment)")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors); the report goes to .json")
     t.add_argument("--seq-len", type=int, default=2048)
+    t.add_argument("--self-generated", type=int, default=0, metavar="N",
+                   help="label N of the model's own greedy continuations (full attention) of --prompt-len "
+                        "prompts cut from the text files, --seq-len tokens in all, instead of the text")
+    t.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of --self-generated sequences")
+    t.add_argument("--init", default=None, help="controller checkpoint to fine-tune (else a fresh one)")
+    t.add_argument("--rows-from", type=int, default=0,
+                   help="train and validate on query rows t >= this only (e.g. the budget m)")
     t.add_argument("--per-text", type=int, default=4, help="segments per text file, spread over it")
     t.add_argument("--top-k", type=int, default=96, help="K of the labels")
     t.add_argument("--budget", type=int, default=192, help="m for the coverage metrics")
@@ -79,7 +86,7 @@ def cmd_train_controller(args) -> int:
     from ..controller import ControllerConfig
     from ..models import load_model
     from .controller import TrainConfig, save_checkpoint, train_controller
-    from .labels import LabelConfig, build_dataset, load_dataset, save_dataset, segments
+    from .labels import LabelConfig, build_dataset, load_dataset, save_dataset, segments, self_generated
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,8 +101,25 @@ def cmd_train_controller(args) -> int:
         if not os.path.isfile(path):
             raise UserError(f"label file not found: {path}")
         parts.append(load_dataset(path))
+    init = None
+    if args.init:
+        if not os.path.isfile(args.init):
+            raise UserError(f"controller checkpoint not found: {args.init}")
+        from ..controller import Controller
+
+        init = Controller.load(args.init)
+    if not 0 <= args.rows_from < args.seq_len:
+        raise UserError(f"--rows-from must be in [0, --seq-len), got {args.rows_from}")
+    if args.self_generated and not 0 < args.prompt_len < args.seq_len:
+        raise UserError("--self-generated needs 0 < --prompt-len < --seq-len")
     if args.text_files:
-        seqs = interleaved_segments(tok, _texts(args.text_files), args.seq_len, args.per_text)
+        texts = _texts(args.text_files)
+        if args.self_generated:
+            per = -(-args.self_generated // len(texts))
+            prompts = interleaved_segments(tok, texts, args.prompt_len, per)[: args.self_generated]
+            seqs = self_generated(model, tok, prompts, args.seq_len - args.prompt_len) if prompts else []
+        else:
+            seqs = interleaved_segments(tok, texts, args.seq_len, args.per_text)
         if not seqs:
             raise UserError(f"the text files hold no segment of {args.seq_len} tokens")
         parts.append(build_dataset(model, seqs, lcfg))
@@ -108,10 +132,11 @@ def cmd_train_controller(args) -> int:
         seq = segments(tok, _texts([args.heldout_file]), args.seq_len, max_segments=1)
         heldout = build_dataset(model, seq, LabelConfig(**{**lcfg.__dict__, **data["config"]}))
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, listwise=args.listwise, seed=args.seed,
-                       top_k=args.top_k, budget=args.budget, rebuild=args.rebuild)
+                       top_k=args.top_k, budget=args.budget, rebuild=args.rebuild, row_min=args.rows_from)
     ccfg = ControllerConfig(embed_dim=model.config.hidden_size, hidden_dim=args.hidden)
-    ctrl, report = train_controller(data, model.model.embed_tokens, tcfg, ccfg, heldout=heldout)
-    report.update(model=args.model, text_files=args.text_files, label_files=args.labels,
+    ctrl, report = train_controller(data, model.model.embed_tokens, tcfg, ccfg, heldout=heldout, init=init)
+    report.update(model=args.model, text_files=args.text_files, label_files=args.labels, init=args.init,
+                  self_generated=args.self_generated,
                   heldout_file=args.heldout_file, command="adore " + " ".join(sys.argv[1:]),
                   total_seconds=round(time.time() - t0, 1))
     save_checkpoint(ctrl, report, args.out)

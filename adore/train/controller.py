@@ -38,6 +38,7 @@ class TrainConfig:
     eval_every: int = 50
     patience: int = 4  # evaluations without improvement before stopping
     seed: int = 0
+    row_min: int = 0  # query rows are drawn from [row_min, T): e.g. the budget m, where release decides
     top_k: int = 96  # K of the labels (<= the dataset's keep)
     budget: int = 192  # m for the coverage metrics
     rebuild: int = 8  # R for the simulated ADORE cache in the metrics
@@ -87,30 +88,43 @@ def batch_loss(ctrl, emb, idx, val, rows, top_k: int, pos_weight: float, listwis
 
 def train_controller(data: dict, embed: torch.nn.Module, cfg: TrainConfig,
                      ctrl_cfg: ControllerConfig | None = None, progress: bool = True,
-                     heldout: dict | None = None) -> tuple[Controller, dict]:
+                     heldout: dict | None = None, init: Controller | None = None) -> tuple[Controller, dict]:
     """Train on a label dataset (labels.build_dataset / load_dataset); embed: the LLM's input
-    embedding (frozen). Returns the best controller (by validation loss) and a report dict."""
+    embedding (frozen); init: a controller to fine-tune instead of a fresh one (ctrl_cfg ignored).
+    Returns the best controller (by validation loss; init's own counts too) and a report dict."""
     torch.manual_seed(cfg.seed)
     ids, idx, val = data["ids"].long(), data["idx"], data["val"]
     N, T = ids.shape
     if cfg.top_k > idx.shape[-1]:
         raise ValueError(f"top_k {cfg.top_k} > the labels' stored keep {idx.shape[-1]}")
+    if not 0 <= cfg.row_min < T:
+        raise ValueError(f"row_min {cfg.row_min} must be in [0, {T}) for {T}-token sequences")
     with torch.no_grad():
         emb = embed(ids).float()
     perm = torch.randperm(N)
     n_val = max(1, round(N * cfg.val_frac)) if N > 1 else 0
     va, tr = perm[:n_val], perm[n_val:] if N > 1 else perm
-    ctrl = Controller(ctrl_cfg or ControllerConfig(embed_dim=emb.shape[-1]))
+    if init is not None:
+        ctrl = Controller(init.cfg)
+        ctrl.load_state_dict(init.state_dict())
+    else:
+        ctrl = Controller(ctrl_cfg or ControllerConfig(embed_dim=emb.shape[-1]))
     opt = torch.optim.AdamW(ctrl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    # OneCycleLR divides by zero when pct_start * total_steps == 1 (a warm-up of zero length): 10 steps
+    warm = 0.1 if abs(0.1 * cfg.steps - 1.0) > 1e-9 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=warm)
     pw = class_weight(T, cfg.top_k)
     best, best_state, bad, history = float("inf"), None, 0, []
+    if init is not None:  # the starting point is a candidate too: fine-tuning must not make it worse
+        best = validation_loss(ctrl, emb, idx, val, va if n_val else tr, cfg, pw)
+        best_state = {k: v.clone() for k, v in ctrl.state_dict().items()}
+        history.append({"step": 0, "val_loss": round(best, 5)})
     t0 = time.time()
     bar = tqdm(range(1, cfg.steps + 1), desc="controller", unit="step", disable=not progress)
     for step in bar:
         ctrl.train()
         b = tr[torch.randint(len(tr), (min(cfg.batch, len(tr)),))]
-        rows = torch.randint(T, (min(cfg.rows, T),))
+        rows = torch.randint(cfg.row_min, T, (min(cfg.rows, T - cfg.row_min),))
         loss, bce = batch_loss(ctrl, emb[b], idx[b], val[b], rows, cfg.top_k, pw, cfg.listwise)
         opt.zero_grad()
         loss.backward()
@@ -131,7 +145,7 @@ def train_controller(data: dict, embed: torch.nn.Module, cfg: TrainConfig,
     if best_state is not None:
         ctrl.load_state_dict(best_state)
     ctrl.eval()
-    report = {"train_config": asdict(cfg), "controller_config": asdict(ctrl.cfg),
+    report = {"train_config": asdict(cfg), "controller_config": asdict(ctrl.cfg), "init": init is not None,
               "sequences": {"train": len(tr), "val": n_val, "tokens_per_sequence": T},
               "label_config": data.get("config", {}), "pos_weight": round(pw, 3),
               "best_val_loss": round(best, 5), "history": history,
@@ -152,7 +166,7 @@ def validation_loss(ctrl, emb, idx, val, which, cfg: TrainConfig, pos_weight: fl
     ctrl.eval()
     T = emb.shape[1]
     g = torch.Generator().manual_seed(1234)
-    rows = torch.randperm(T, generator=g)[: min(T, 512)].sort().values
+    rows = cfg.row_min + torch.randperm(T - cfg.row_min, generator=g)[: min(T - cfg.row_min, 512)].sort().values
     tot = 0.0
     for j in which.tolist():
         loss, _ = batch_loss(ctrl, emb[j : j + 1], idx[j : j + 1], val[j : j + 1], rows, cfg.top_k,

@@ -122,6 +122,23 @@ def segments(tok, texts: list[str], seq_len: int, max_segments: int | None = Non
     return out[:max_segments] if max_segments else out
 
 
+def self_generated(model, tok, prompts: list[torch.Tensor], new_tokens: int, batch: int = 64,
+                   progress: bool = True) -> list[torch.Tensor]:
+    """Each prompt followed by the model's own greedy continuation under full attention
+    ([len(prompt) + new_tokens] each): the text a served model attends over while it generates,
+    which (greedy, small model) repeats itself far more than the books it was prompted from."""
+    from ..config import AdoreConfig, SamplingParams
+    from ..engine import Engine
+    from ..policies import make_policy
+
+    eng = Engine(model, tok, make_policy("full", AdoreConfig()), max_batch=min(batch, len(prompts)),
+                 max_seq_len=max(len(p) for p in prompts) + new_tokens + 1)
+    with tqdm(total=len(prompts) * new_tokens, desc="generate", unit="tok", disable=not progress) as bar:
+        outs = eng.generate([p.tolist() for p in prompts], SamplingParams(max_tokens=new_tokens, ignore_eos=True),
+                            progress=lambda o: bar.update(len(o)))
+    return [torch.cat([p, torch.tensor(o.token_ids, dtype=p.dtype)]) for p, o in zip(prompts, outs)]
+
+
 def build_dataset(model, seqs: list[torch.Tensor], cfg: LabelConfig, progress: bool = True) -> dict:
     """Labels for many segments: {"ids" [N, T] int32, "idx" [N, T, keep] int16, "val" [N, T, keep]
     float16}, plus the config (as `save_dataset` stores it)."""

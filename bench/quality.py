@@ -418,8 +418,8 @@ def write_report() -> None:
                   "Prompts are spread evenly over the text of each row's command (`--text-file`: the "
                   "200-prompt and 1,024-token rows use the whole held-out novel, which the repo's excerpt "
                   "is too short for). BLEU is corpus BLEU; ROUGE-L and BERTScore F1 are means over prompts. Rows "
-                  "without `controller=` use the shipped default controller; the books-only controller's "
-                  "`adore` (top-K 96) row at 50 x 128 ran before the promote margin (margin 0).", ""]
+                  "without `controller=` use the shipped default controller; its `adore` (top-K 96) row at "
+                  "50 x 128 ran before the promote margin (margin 0).", ""]
         lines += _setting_tables(fid, ("BLEU", "ROUGE-L", "BERTScore F1", "identical",
                                        "words before first difference"),
                                  ("bleu", "rougeL", "bertscore_f1", "exact_match", "first_diff_word"))

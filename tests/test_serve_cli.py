@@ -70,7 +70,7 @@ def test_adore_serve_tp2_two_replicas_match_engine_and_stop_cleanly():
                 pass
             assert time.monotonic() < deadline, "adore serve did not come up"
             time.sleep(1)
-        assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["random:tiny-gqa:adore"]
+        assert [m["id"] for m in httpx.get(base + "/v1/models", timeout=60).json()["data"]] == ["random:tiny-gqa:adore"]
         prompt = "Tensor parallel ranks agree"
         req = {"model": "random:tiny-gqa:adore", "prompt": prompt, "max_tokens": 24, "temperature": 0,
                "ignore_eos": True}

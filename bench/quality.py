@@ -20,6 +20,7 @@ fidelity  --prompts prompts of --prompt-len tokens from the held-out text, greed
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -92,9 +93,17 @@ def held_out_ids(args) -> list[int]:
         return tok.encode(f.read(), add_special_tokens=False)
 
 
+def _path(task: str) -> str:
+    """quality_<task>.json; the generations (every policy's texts) gzipped: they are megabytes."""
+    return os.path.join(RESULTS, f"quality_{task}.json" + (".gz" if task == "generations" else ""))
+
+
 def load(task: str) -> dict:
-    path = os.path.join(RESULTS, f"quality_{task}.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    path = _path(task)
+    if not os.path.exists(path):
+        return {}
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def store(task: str, label: str, res: dict) -> None:
@@ -106,7 +115,8 @@ def store(task: str, label: str, res: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = load(task)
         data[label] = res
-        with open(os.path.join(RESULTS, f"quality_{task}.json"), "w") as f:
+        path = _path(task)
+        with (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
 
 
@@ -229,15 +239,14 @@ def task_agreement(args, spec: str) -> dict:
 
 
 def task_fidelity(args, spec: str) -> dict:
-    ref_key = f"full|{args.prompts}|{args.prompt_len}|{args.max_new}"
-    reference(args)
-    gens = load("generations")
+    ref = reference(args)
     key = f"{spec}|{args.prompts}|{args.prompt_len}|{args.max_new}"
-    if key not in gens or args.force:
-        store("generations", key, task_generate(args, spec))
-        gens = load("generations")
-    res = score_all(gens[key]["texts"], gens[ref_key]["texts"])
-    res.update({k: v for k, v in gens[key].items() if k not in ("texts", "token_ids")})
+    gen = load("generations").get(key)
+    if gen is None or args.force:
+        gen = task_generate(args, spec)
+        store("generations", key, gen)
+    res = score_all(gen["texts"], ref["texts"])
+    res.update({k: v for k, v in gen.items() if k not in ("texts", "token_ids")})
     res.update(prompts=args.prompts, prompt_len=args.prompt_len, max_new=args.max_new)
     return res
 

@@ -23,6 +23,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -116,8 +117,12 @@ def store(task: str, label: str, res: dict) -> None:
         data = load(task)
         data[label] = res
         path = _path(task)
+        text = json.dumps(data, indent=1)
+        # lists of numbers (per-prompt scores) on one line each, not one number per line
+        text = re.sub(r"\[([-0-9.eE,\s]+)\]", lambda m: "[" + ", ".join(m.group(1).split(",")).replace(" ", "")
+                      .replace("\n", "").replace(",", ", ") + "]", text)
         with (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+            f.write(text)
 
 
 def command(args, spec: str) -> str:
@@ -175,6 +180,13 @@ def prompts_from(args) -> list[list[int]]:
     if len(out[-1]) < span:
         raise SystemExit(f"{args.text_file} is too short for {args.prompts} prompts of {span} tokens")
     return out
+
+
+def label_for(args, task: str, spec: str) -> str:
+    """The result's key: the spec, plus the setting where it is not the default 50 x 128 + 256."""
+    if task in ("fidelity", "agreement") and (args.prompts, args.prompt_len, args.max_new) != (50, 128, 256):
+        return f"{spec} @ {args.prompts}x{args.prompt_len}+{args.max_new}"
+    return spec
 
 
 def task_generate(args, spec: str) -> dict:
@@ -239,14 +251,19 @@ def task_agreement(args, spec: str) -> dict:
 
 
 def task_fidelity(args, spec: str) -> dict:
+    """Scores of the policy's greedy continuations against full attention's (generated once and
+    cached; a rerun without --force rescores the cached texts and keeps the command that made them)."""
     ref = reference(args)
     key = f"{spec}|{args.prompts}|{args.prompt_len}|{args.max_new}"
     gen = load("generations").get(key)
     if gen is None or args.force:
         gen = task_generate(args, spec)
+        gen["command"] = command(args, spec)
         store("generations", key, gen)
     res = score_all(gen["texts"], ref["texts"])
     res.update({k: v for k, v in gen.items() if k not in ("texts", "token_ids")})
+    if "command" not in gen:  # generated before the generations kept their command
+        res["command"] = load("fidelity").get(label_for(args, "fidelity", spec), {}).get("command")
     res.update(prompts=args.prompts, prompt_len=args.prompt_len, max_new=args.max_new)
     return res
 
@@ -311,12 +328,9 @@ def main(argv=None) -> None:
         fn = {"ppl": task_ppl, "fidelity": task_fidelity, "agreement": task_agreement, "cost": task_cost}[task]
         for spec in args.policies.split(","):
             res = fn(args, spec)
-            res["command"] = command(args, spec)
-            label = spec
-            if task in ("fidelity", "agreement") and (args.prompts, args.prompt_len, args.max_new) != (50, 128, 256):
-                label = f"{spec} @ {args.prompts}x{args.prompt_len}+{args.max_new}"
-            store(task, label, res)
-            print(json.dumps({k: v for k, v in res.items() if k != "texts"}), flush=True)
+            res["command"] = res.get("command") or command(args, spec)
+            store(task, label_for(args, task, spec), res)
+            print(json.dumps({k: v for k, v in res.items() if k not in ("texts", "per_prompt")}), flush=True)
             write_report()
     write_report()
 
@@ -359,11 +373,51 @@ def score_all(cands: list[str], refs: list[str]) -> dict:
     rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [1.0 if c == r else rs.score(r, c)["rougeL"].fmeasure for c, r in zip(cands, refs)]
     bert = [1.0 if c == r else b for c, r, b in zip(cands, refs, bertscore_f1(cands, refs))]
+    stats = [bleu_stats(c, r) for c, r in zip(cands, refs)]
     return {"bleu": round(sacrebleu.corpus_bleu(cands, [refs]).score, 2),
             "rougeL": round(100 * sum(rouge) / len(rouge), 2),
             "bertscore_f1": round(100 * sum(bert) / len(bert), 2),
             "exact_match": sum(c == r for c, r in zip(cands, refs)),
-            "first_diff_word": round(sum(map(_first_diff, cands, refs)) / len(cands), 1)}
+            "first_diff_word": round(sum(map(_first_diff, cands, refs)) / len(cands), 1),
+            # per prompt, for the paired bootstrap (corpus BLEU = BLEU of the summed statistics)
+            "per_prompt": {"bleu_stats": stats, "rougeL": [round(x, 5) for x in rouge],
+                           "bertscore_f1": [round(x, 5) for x in bert]}}
+
+
+def bleu_stats(cand: str, ref: str) -> list[int]:
+    """[sys_len, ref_len, 4 n-gram matches, 4 n-gram totals] of one pair (sacrebleu's tokenizer)."""
+    from sacrebleu.metrics import BLEU
+
+    s = BLEU().corpus_score([cand], [[ref]])
+    return [s.sys_len, s.ref_len, *s.counts, *s.totals]
+
+
+def bleu_from_stats(stats: torch.Tensor) -> float:
+    """Corpus BLEU (sacrebleu's default exp smoothing) of summed per-pair statistics [10]."""
+    from sacrebleu.metrics import BLEU
+
+    st = [int(x) for x in stats]
+    return BLEU.compute_bleu(st[2:6], st[6:10], st[0], st[1], smooth_method="exp").score
+
+
+def paired_bootstrap(a: dict, b: dict, n: int = 2000, seed: int = 0) -> dict:
+    """a's score minus b's (both `per_prompt` of the same prompts and reference) with a 95% interval
+    from n resamples of the prompts (the same resample for both: paired)."""
+    g = torch.Generator().manual_seed(seed)
+    P = len(a["rougeL"])
+    idx = torch.randint(P, (n, P), generator=g)
+    out = {}
+    sa, sb = torch.tensor(a["bleu_stats"], dtype=torch.float64), torch.tensor(b["bleu_stats"], dtype=torch.float64)
+    d = [bleu_from_stats(sa[i].sum(0)) - bleu_from_stats(sb[i].sum(0)) for i in idx]
+    out["bleu"] = (bleu_from_stats(sa.sum(0)) - bleu_from_stats(sb.sum(0)), d)
+    for m in ("rougeL", "bertscore_f1"):
+        diff = 100 * (torch.tensor(a[m], dtype=torch.float64) - torch.tensor(b[m], dtype=torch.float64))
+        out[m] = (diff.mean().item(), diff[idx].mean(1).tolist())
+    res = {}
+    for m, (delta, boot) in out.items():
+        q = torch.tensor(boot, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+        res[m] = [round(delta, 2), round(q[0].item(), 2), round(q[1].item(), 2)]
+    return res
 
 
 def _first_diff(c: str, r: str) -> int:
@@ -408,6 +462,36 @@ def _setting_tables(results: dict, heads: tuple, keys: tuple) -> list[str]:
     return lines
 
 
+BASELINES = ("sink", "h2o", "strided")
+
+
+def _bootstrap_tables(fid: dict) -> list[str]:
+    """Per setting: each ADORE row (default, top_k=none, with an adapter) minus each baseline, with
+    95% paired-bootstrap intervals over prompts: does the gap exceed what the prompts' draw explains?"""
+    groups: dict[tuple, dict] = {}
+    for k, r in fid.items():
+        if "per_prompt" in r:
+            groups.setdefault((r["prompts"], r["prompt_len"], r["max_new"]), {})[k.split(" @ ")[0]] = r
+    lines = []
+    for (n, pl, new), rows in sorted(groups.items()):
+        mine = [k for k in rows if k in ("adore", "adore:top_k=none") or "adapter=" in k]
+        pairs = [(a, b) for a in mine for b in BASELINES if b in rows]
+        if not pairs:
+            continue
+        if not lines:
+            lines += ["### ADORE minus each baseline, with 95% paired-bootstrap intervals", "",
+                      "2,000 resamples of the prompts (the same resample for both sides); an interval that "
+                      "holds 0 means the prompts drawn cannot tell the two apart.", ""]
+        lines += [f"{n} prompts of {pl} tokens, {new} new tokens each:", "",
+                  "| ADORE row | baseline | Δ BLEU [95% CI] | Δ ROUGE-L | Δ BERTScore F1 |", "|---|---|---|---|---|"]
+        for a, b in pairs:
+            d = paired_bootstrap(rows[a]["per_prompt"], rows[b]["per_prompt"])
+            cell = [f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]" for v in (d["bleu"], d["rougeL"], d["bertscore_f1"])]
+            lines.append(f"| `{a}` | `{b}` | " + " | ".join(cell) + " |")
+        lines.append("")
+    return lines
+
+
 def write_report() -> None:
     ppl, fid, agree, cost = load("ppl"), load("fidelity"), load("agreement"), load("cost")
     full = ppl.get("full", {}).get("ppl")
@@ -432,6 +516,7 @@ def write_report() -> None:
         lines += _setting_tables(fid, ("BLEU", "ROUGE-L", "BERTScore F1", "identical",
                                        "words before first difference"),
                                  ("bleu", "rougeL", "bertscore_f1", "exact_match", "first_diff_word"))
+        lines += _bootstrap_tables(fid)
     if agree:
         lines += ["## Teacher-forced agreement with full attention", "",
                   "Each prompt is followed by full attention's own greedy continuation, streamed through the "

@@ -129,6 +129,32 @@ def test_lora_adapter_changes_outputs_and_loads_back(tmp_path, quantize):
         assert torch.allclose(_logits(pm, ids[:48]), la, atol=1e-4)
 
 
+def test_distilled_adapter_brings_topk_attention_closer_to_dense(tmp_path):
+    from adore.models import load_model
+    from adore.train.finetune import FinetuneConfig, dense_teacher_logits, distill_loss, finetune, make_lora
+
+    model, tok = load_model("random:tiny")
+    ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:4000]))
+    seqs = [ids[i : i + 48] for i in range(0, 960, 48)]
+    held = torch.stack([ids[i : i + 48] for i in range(960, 1200, 48)])
+    dense = _logits(load_model("random:tiny")[0], held[0])
+    cfg = FinetuneConfig(top_k=4, seq_len=48, steps=100, lr=1e-2, quantize=False, distill=True, lora_r=4)
+    fresh = make_lora(load_model("random:tiny")[0], cfg)  # LoRA B starts at zero: the base under top-K
+    # the teacher is the base model with dense attention, whatever K the student runs with
+    assert torch.allclose(dense_teacher_logits(fresh, held[:1])[0], dense, atol=1e-4)
+    with torch.no_grad():
+        before = distill_loss(fresh, held, cfg.top_k).item()
+    pm, report = finetune(model, seqs, cfg, out_dir=str(tmp_path / "ad"), progress=False)
+    with torch.no_grad():
+        after = distill_loss(pm, held, cfg.top_k).item()
+    assert report["config"]["distill"] and after < 0.8 * before, (before, after)
+    # --init-adapter: training goes on from the saved adapter, not from scratch
+    again, _ = finetune(load_model("random:tiny")[0], seqs, FinetuneConfig(**{**cfg.__dict__, "steps": 0}),
+                        progress=False, init=str(tmp_path / "ad"))
+    with torch.no_grad():
+        assert distill_loss(again, held, cfg.top_k).item() == pytest.approx(after, rel=1e-4)
+
+
 def test_cli_train_controller_and_finetune(tmp_path, capsys):
     emma = str(DATA / "emma.txt")
     out = tmp_path / "ctrl.safetensors"

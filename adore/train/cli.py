@@ -56,6 +56,9 @@ def register(sub) -> None:
     f.add_argument("--lr", type=float, default=2e-4)
     f.add_argument("--lora-r", type=int, default=8)
     f.add_argument("--no-quantize", action="store_true", help="LoRA on the full-precision base")
+    f.add_argument("--init-adapter", default=None, help="adapter directory to train further (its rank/targets)")
+    f.add_argument("--distill", action="store_true",
+                   help="loss: KL from the base model's dense-attention predictions (not the text's tokens)")
     f.add_argument("--device", default="cpu", help="cpu, or cuda (e.g. Llama-2 7B: --dtype bfloat16)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     f.add_argument("--seed", type=int, default=0)
@@ -155,8 +158,10 @@ def cmd_finetune(args) -> int:
         raise UserError(f"the text files hold no segment of {args.seq_len} tokens")
     cfg = FinetuneConfig(top_k=args.top_k, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
                          lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                         quantize=not args.no_quantize, seed=args.seed)
-    _, report = finetune(model, seqs, cfg, out_dir=args.out,
+                         quantize=not args.no_quantize, seed=args.seed, distill=args.distill)
+    if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, "adapter_config.json")):
+        raise UserError(f"no adapter in {args.init_adapter} (adapter_config.json missing)")
+    _, report = finetune(model, seqs, cfg, out_dir=args.out, init=args.init_adapter,
                          meta={"model": args.model, "text_files": args.text_files,
                                "command": "adore " + " ".join(sys.argv[1:])})
     print(json.dumps({k: report.get(k) for k in ("steps", "seconds", "step_s_median", "loss_first", "loss_last10",

@@ -3,9 +3,13 @@
 The base model's Linear layers become bitsandbytes nf4 `Linear4bit` (frozen), LoRA adapters (peft) are
 trained on them, and every attention row keeps only its top-K keys per head during training (the
 same rule as the engine's slot attention: scores below the K-th largest allowed one are masked, ties
-kept). The adapter is saved with peft (`adapter_model.safetensors` + `adapter_config.json`) plus
-`adore_finetune.json`; `apply_adapter` merges it into a loaded model's weights, so the engine, which
-calls q_proj/k_proj/... directly, runs the adapted model unchanged.
+kept). The loss is next-token cross-entropy on the text (the paper's stage 1), or with `distill` the
+KL divergence from the same base model's dense-attention predictions: the adapter then learns to make
+top-K attention say what full attention would have said, which is what fidelity to the served base
+model asks for (cross-entropy also moves the model toward the training text). The adapter is saved
+with peft (`adapter_model.safetensors` + `adapter_config.json`) plus `adore_finetune.json`;
+`apply_adapter` merges it into a loaded model's weights, so the engine, which calls q_proj/k_proj/...
+directly, runs the adapted model unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class FinetuneConfig:
     quantize: bool = True  # nf4 base (QLoRA); False: LoRA on the full-precision base
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     seed: int = 0
+    # loss: False = next-token cross-entropy on the text (the paper's stage 1); True = KL divergence
+    # from the base model's own dense-attention next-token distribution, so the adapter learns to
+    # make top-K attention reproduce what full attention would have said (fidelity to the base model)
+    distill: bool = False
 
 
 def topk_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
@@ -95,13 +103,16 @@ def quantize_nf4(model) -> None:
                 setattr(mod, cname, q.to(child.weight.device))
 
 
-def make_lora(model, cfg: FinetuneConfig):
-    """The trainable peft model: nf4 base (if cfg.quantize) + LoRA on cfg.targets, top-K attention."""
-    from peft import LoraConfig, get_peft_model
+def make_lora(model, cfg: FinetuneConfig, init: str | None = None):
+    """The trainable peft model: nf4 base (if cfg.quantize) + LoRA on cfg.targets (or the adapter in
+    directory init, trained further: its rank and targets win), top-K attention."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.quantize:
         quantize_nf4(model)
     set_topk_attention(model, cfg.top_k)
+    if init:
+        return PeftModel.from_pretrained(model, init, is_trainable=True)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.targets, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
@@ -109,11 +120,12 @@ def make_lora(model, cfg: FinetuneConfig):
 
 
 def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str | None = None,
-             progress: bool = True, meta: dict | None = None):
-    """Train LoRA on token sequences seqs ([seq_len] each) with next-token loss under top-K attention.
+             progress: bool = True, meta: dict | None = None, init: str | None = None):
+    """Train LoRA on token sequences seqs ([seq_len] each) with next-token loss (or, cfg.distill, KL
+    from dense attention) under top-K attention, from a fresh adapter or the one in directory init.
     Returns (peft model, report); saves the adapter to out_dir if given."""
     torch.manual_seed(cfg.seed)
-    pm = make_lora(model, cfg)
+    pm = make_lora(model, cfg, init)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     data = torch.stack(seqs)
@@ -126,7 +138,7 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
     for _ in bar:
         ts = time.perf_counter()
         b = data[torch.randint(len(data), (cfg.batch,))].to(dev)
-        loss = pm(input_ids=b, labels=b).loss
+        loss = distill_loss(pm, b, cfg.top_k) if cfg.distill else pm(input_ids=b, labels=b).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -140,13 +152,33 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
               "ppl_last10": math.exp(sum(losses[-10:]) / max(1, len(losses[-10:]))),
               # median step time after the first (which pays for kernel selection and allocator warm-up)
               "step_s_median": statistics.median(step_s[1:]) if len(step_s) > 1 else None,
-              "trainable_params": sum(p.numel() for p in params), "device": str(dev), **(meta or {})}
+              "trainable_params": sum(p.numel() for p in params), "device": str(dev), "init": init,
+              **(meta or {})}
     if dev.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(dev)
         report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     if out_dir:
         save_adapter(pm, out_dir, report)
     return pm, report
+
+
+def dense_teacher_logits(pm, ids: torch.Tensor) -> torch.Tensor:
+    """The base model's logits [B, T, V] with the adapter off and dense causal attention."""
+    cfg = pm.get_base_model().config
+    top_k, cfg.adore_top_k = cfg.adore_top_k, None
+    try:
+        with torch.no_grad(), pm.disable_adapter():
+            return pm(input_ids=ids).logits.float()
+    finally:
+        cfg.adore_top_k = top_k
+
+
+def distill_loss(pm, ids: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Mean over positions of KL(dense base || adapted model under top-K attention), ids [B, T]."""
+    teacher = torch.log_softmax(dense_teacher_logits(pm, ids), -1)
+    student = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
+    return torch.nn.functional.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
+                                      reduction="batchmean")
 
 
 def save_adapter(pm, out_dir: str, report: dict) -> None:

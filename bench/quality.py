@@ -119,8 +119,8 @@ def store(task: str, label: str, res: dict) -> None:
         path = _path(task)
         text = json.dumps(data, indent=1)
         # lists of numbers (per-prompt scores) on one line each, not one number per line
-        text = re.sub(r"\[([-0-9.eE,\s]+)\]", lambda m: "[" + ", ".join(m.group(1).split(",")).replace(" ", "")
-                      .replace("\n", "").replace(",", ", ") + "]", text)
+        text = re.sub(r"\[([-0-9.eE,\s]+)\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
+                      text)
         with (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
             f.write(text)
 

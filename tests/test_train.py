@@ -143,16 +143,16 @@ def test_distilled_adapter_brings_topk_attention_closer_to_dense(tmp_path):
     # the teacher is the base model with dense attention, whatever K the student runs with
     assert torch.allclose(dense_teacher_logits(fresh, held[:1])[0], dense, atol=1e-4)
     with torch.no_grad():
-        before = distill_loss(fresh, held, cfg.top_k).item()
+        before = distill_loss(fresh, held).item()
     pm, report = finetune(model, seqs, cfg, out_dir=str(tmp_path / "ad"), progress=False)
     with torch.no_grad():
-        after = distill_loss(pm, held, cfg.top_k).item()
+        after = distill_loss(pm, held).item()
     assert report["config"]["distill"] and after < 0.8 * before, (before, after)
     # --init-adapter: training goes on from the saved adapter, not from scratch
     again, _ = finetune(load_model("random:tiny")[0], seqs, FinetuneConfig(**{**cfg.__dict__, "steps": 0}),
                         progress=False, init=str(tmp_path / "ad"))
     with torch.no_grad():
-        assert distill_loss(again, held, cfg.top_k).item() == pytest.approx(after, rel=1e-4)
+        assert distill_loss(again, held).item() == pytest.approx(after, rel=1e-4)
 
 
 def test_cli_train_controller_and_finetune(tmp_path, capsys):

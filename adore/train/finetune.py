@@ -138,7 +138,7 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
     for _ in bar:
         ts = time.perf_counter()
         b = data[torch.randint(len(data), (cfg.batch,))].to(dev)
-        loss = distill_loss(pm, b, cfg.top_k) if cfg.distill else pm(input_ids=b, labels=b).loss
+        loss = distill_loss(pm, b) if cfg.distill else pm(input_ids=b, labels=b).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,7 +173,7 @@ def dense_teacher_logits(pm, ids: torch.Tensor) -> torch.Tensor:
         cfg.adore_top_k = top_k
 
 
-def distill_loss(pm, ids: torch.Tensor, top_k: int | None) -> torch.Tensor:
+def distill_loss(pm, ids: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(dense base || adapted model under top-K attention), ids [B, T]."""
     teacher = torch.log_softmax(dense_teacher_logits(pm, ids), -1)
     student = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)

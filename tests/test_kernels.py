@@ -41,7 +41,7 @@ TOL = {"float32": 1e-4, "float16": 2e-2}
 #   ints: small-integer q/k, so scores are exact and heavily tied (top-K tie handling)
 #   q_strided: q is a transposed view; kv_bchd: k/v are permuted views of a [B, C, Hkv, D] buffer
 #   empty_seq: last sequence has only empty slots; pad_seq: first sequence has only padded rows
-#   mass: want_mass (default True)
+#   mass: want_mass (default True); max_rows: most G*R rows per launch (more: row chunks)
 CASES = {
     # --- one-tile kernel (C <= 256)
     "tile_mha_f32_r1": dict(B=2, Hkv=2, G=1, R=1, C=40, D=16, top_k=None, dtype="float32"),
@@ -65,6 +65,10 @@ CASES = {
         B=2, Hkv=1, G=3, R=5, C=48, D=16, top_k=6, dtype="float32", ints=True, sort=True
     ),
     "tile_sort_gqa_f16": dict(B=1, Hkv=2, G=3, R=9, C=50, D=32, top_k=10, dtype="float16", sort=True),
+    # --- more query rows than one launch takes (max_rows): row chunks (an H2O prefill)
+    "tile_row_chunks_gqa_f32_topk": dict(B=2, Hkv=1, G=3, R=11, C=40, D=16, top_k=6, dtype="float32", max_rows=12),
+    "blkf_row_chunks_f16": dict(B=1, Hkv=2, G=3, R=7, C=45, D=16, top_k=None, dtype="float16", blocked=True,
+                                max_rows=6),
     # --- blocked kernel, default blocks (C > 256 = one tile), top-K by radix search
     "blk_mha_f32_r5": dict(B=2, Hkv=2, G=1, R=5, C=300, D=16, top_k=None, dtype="float32"),
     "blk_gqa_f32_r9_topk": dict(B=1, Hkv=1, G=3, R=9, C=300, D=16, top_k=20, dtype="float32"),
@@ -159,6 +163,8 @@ for name, c in cases.items():
             kw["topk_method"] = "sort"
         if c.get("inkernel"):
             kw["row_search_max"] = 0
+        if c.get("max_rows"):
+            kw["max_rows"] = c["max_rows"]
         t = time.perf_counter()
         out, mass = slot_attention_triton(q, k, v, sp, rp, c["top_k"], None, want_mass, **kw)
         res["seconds"] = time.perf_counter() - t

@@ -155,6 +155,45 @@ def test_distilled_adapter_brings_topk_attention_closer_to_dense(tmp_path):
         assert distill_loss(again, held).item() == pytest.approx(after, rel=1e-4)
 
 
+def test_argmax_hinge_counts_only_argmax_margins_short_of_the_teachers():
+    from adore.train.finetune import argmax_margin
+
+    logp = torch.log_softmax(torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]), -1)
+    assert argmax_margin(logp, torch.tensor([1, 0])).tolist() == pytest.approx([1.0, -5.0])
+
+
+def test_distill_hinge_is_zero_for_dense_and_adds_under_topk():
+    """With dense attention a fresh adapter is the teacher: KL and hinge both 0. Under top-K the hinge
+    adds a non-negative term (hard x the argmax shortfall)."""
+    from adore.models import load_model
+    from adore.train.finetune import FinetuneConfig, distill_loss, make_lora
+
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    dense = make_lora(load_model("random:tiny")[0], FinetuneConfig(top_k=None, quantize=False, distill=True))
+    sparse = make_lora(load_model("random:tiny")[0], FinetuneConfig(top_k=3, quantize=False, distill=True))
+    with torch.no_grad():
+        assert distill_loss(dense, ids, hard=5.0).item() == pytest.approx(0.0, abs=1e-5)
+        kl, both = distill_loss(sparse, ids).item(), distill_loss(sparse, ids, hard=1.0).item()
+        assert kl > 0 and both > kl
+        assert distill_loss(sparse, ids, hard=2.0).item() == pytest.approx(kl + 2 * (both - kl), rel=1e-4)
+
+
+def test_cli_finetune_self_generated_distill(tmp_path):
+    emma = str(DATA / "emma.txt")
+    ad = tmp_path / "ad"
+    assert main(["finetune", "--model", "random:tiny", "--text-files", emma, "--seq-len", "24",
+                 "--self-generated", "3", "--prompt-len", "16", "--distill", "--hard", "1", "--no-quantize",
+                 "--steps", "2", "--top-k", "8", "--out", str(ad)]) == 0
+    rep = json.loads((ad / "adore_finetune.json").read_text())
+    assert rep["self_generated"] == 3 and rep["config"]["hard"] == 1.0 and rep["config"]["seq_len"] == 24
+    # bad combinations are refused before any work
+    assert main(["finetune", "--model", "random:tiny", "--text-files", emma, "--hard", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["finetune", "--model", "random:tiny", "--text-files", emma, "--self-generated", "2",
+                 "--prompt-len", "64", "--seq-len", "32", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_train_controller_and_finetune(tmp_path, capsys):
     emma = str(DATA / "emma.txt")
     out = tmp_path / "ctrl.safetensors"

@@ -60,6 +60,10 @@ __all__ = ["slot_attention_triton", "MAX_ONE_TILE", "BLOCK_N", "ROW_SEARCH_MAX"]
 MAX_ONE_TILE = 256  # largest C handled by the single-tile kernel (whole score row in registers)
 BLOCK_N = 64  # slots per block in the blocked kernel
 ROW_SEARCH_MAX = 16384  # blocked kernel: largest C for the one-program-per-row top-K threshold
+# Most query rows (G x R, a KV head's group) in one program: the kernels hold a [G*R, block] score
+# tile, sized for decode (R+1 rows). More rows (an H2O prefill: R = the prompt) go in row chunks;
+# 128 rows x a 256-slot fp32 tile already needs ~200 KB of the H100's 227 KB of shared memory.
+MAX_ROWS = 64
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -428,6 +432,7 @@ def slot_attention_triton(
     max_one_tile: int | None = None,
     topk_method: str = "search",
     row_search_max: int | None = None,
+    max_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton version of `reference.slot_attention` (same arguments, semantics and results).
 
@@ -435,9 +440,20 @@ def slot_attention_triton(
     the blocked kernel, a power of two >= 16) and `MAX_ONE_TILE` (largest C for the one-tile kernel);
     topk_method picks the one-tile kernel's top-K threshold: "search" (binary search on the score
     bits, default) or "sort" (`tl.sort` of the score row).  Both are exact.  row_search_max overrides
-    `ROW_SEARCH_MAX` (largest C whose top-K threshold is found by one program per score row).
+    `ROW_SEARCH_MAX` (largest C whose top-K threshold is found by one program per score row);
+    max_rows overrides `MAX_ROWS` (most G x R query rows per launch; more run in row chunks).
     """
     _check(q, k_cache, v_cache, slot_pos, row_pos, top_k)
+    G, R = q.shape[1] // k_cache.shape[1], q.shape[2]
+    chunk = max(1, (MAX_ROWS if max_rows is None else max_rows) // G)
+    if R > chunk:  # rows are independent: each sees the slots and its own position only
+        kw = dict(block_n=block_n, max_one_tile=max_one_tile, topk_method=topk_method,
+                  row_search_max=row_search_max, max_rows=max_rows)
+        parts = [slot_attention_triton(q[:, :, i : i + chunk], k_cache, v_cache, slot_pos,
+                                       row_pos[:, i : i + chunk], top_k, scale, want_mass, **kw)
+                 for i in range(0, R, chunk)]
+        out = torch.cat([o for o, _ in parts], dim=2)
+        return out, (torch.stack([m for _, m in parts]).sum(0) if want_mass else None)
     if topk_method not in ("search", "sort"):
         raise ValueError(
             f"slot_attention_triton: topk_method must be 'search' or 'sort', got {topk_method!r}"

@@ -59,6 +59,12 @@ def register(sub) -> None:
     f.add_argument("--init-adapter", default=None, help="adapter directory to train further (its rank/targets)")
     f.add_argument("--distill", action="store_true",
                    help="loss: KL from the base model's dense-attention predictions (not the text's tokens)")
+    f.add_argument("--hard", type=float, default=0.0,
+                   help="with --distill: weight of a hinge keeping the dense model's argmax token on top")
+    f.add_argument("--self-generated", type=int, default=0, metavar="N",
+                   help="train on N sequences of a --prompt-len prompt from the text files followed by the "
+                        "base model's greedy continuation (to --seq-len): the text it attends over when serving")
+    f.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of --self-generated sequences")
     f.add_argument("--device", default="cpu", help="cpu, or cuda (e.g. Llama-2 7B: --dtype bfloat16)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     f.add_argument("--seed", type=int, default=0)
@@ -150,19 +156,31 @@ def cmd_train_controller(args) -> int:
 def cmd_finetune(args) -> int:
     from ..models import load_model
     from .finetune import FinetuneConfig, finetune
-    from .labels import segments
+    from .labels import segments, self_generated
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    seqs = segments(tok, _texts(args.text_files), args.seq_len)
+    if args.self_generated and not 0 < args.prompt_len < args.seq_len:
+        raise UserError("--self-generated needs 0 < --prompt-len < --seq-len")
+    if args.hard and not args.distill:
+        raise UserError("--hard weighs a term of the --distill loss: give --distill too")
+    texts = _texts(args.text_files)
+    if args.self_generated:
+        per = -(-args.self_generated // len(texts))
+        prompts = interleaved_segments(tok, texts, args.prompt_len, per)[: args.self_generated]
+        seqs = self_generated(model, tok, prompts, args.seq_len - args.prompt_len) if prompts else []
+    else:
+        seqs = segments(tok, texts, args.seq_len)
     if not seqs:
-        raise UserError(f"the text files hold no segment of {args.seq_len} tokens")
+        need = args.prompt_len if args.self_generated else args.seq_len
+        raise UserError(f"the text files hold no segment of {need} tokens")
     cfg = FinetuneConfig(top_k=args.top_k, seq_len=args.seq_len, steps=args.steps, batch=args.batch,
                          lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                         quantize=not args.no_quantize, seed=args.seed, distill=args.distill)
+                         quantize=not args.no_quantize, seed=args.seed, distill=args.distill, hard=args.hard)
     if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, "adapter_config.json")):
         raise UserError(f"no adapter in {args.init_adapter} (adapter_config.json missing)")
     _, report = finetune(model, seqs, cfg, out_dir=args.out, init=args.init_adapter,
                          meta={"model": args.model, "text_files": args.text_files,
+                               "self_generated": args.self_generated,
                                "command": "adore " + " ".join(sys.argv[1:])})
     print(json.dumps({k: report.get(k) for k in ("steps", "seconds", "step_s_median", "loss_first", "loss_last10",
                                                   "trainable_params", "peak_gpu_gib")}))

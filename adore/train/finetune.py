@@ -45,6 +45,10 @@ class FinetuneConfig:
     # from the base model's own dense-attention next-token distribution, so the adapter learns to
     # make top-K attention reproduce what full attention would have said (fidelity to the base model)
     distill: bool = False
+    # with distill: weight of an argmax-margin term (see distill_loss). Greedy decoding follows only
+    # the argmax, so this spends the adapter's capacity on the near-ties that flip it rather than on
+    # the whole distribution's tail
+    hard: float = 0.0
 
 
 def topk_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
@@ -138,7 +142,7 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
     for _ in bar:
         ts = time.perf_counter()
         b = data[torch.randint(len(data), (cfg.batch,))].to(dev)
-        loss = distill_loss(pm, b) if cfg.distill else pm(input_ids=b, labels=b).loss
+        loss = distill_loss(pm, b, cfg.hard) if cfg.distill else pm(input_ids=b, labels=b).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,12 +177,26 @@ def dense_teacher_logits(pm, ids: torch.Tensor) -> torch.Tensor:
         cfg.adore_top_k = top_k
 
 
-def distill_loss(pm, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(dense base || adapted model under top-K attention), ids [B, T]."""
-    teacher = torch.log_softmax(dense_teacher_logits(pm, ids), -1)
-    student = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
-    return torch.nn.functional.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
-                                      reduction="batchmean")
+def argmax_margin(logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """logp[n, token[n]] minus the largest other entry of row n: > 0 where token is the argmax. [N, V] -> [N]"""
+    own = logp.gather(-1, token[:, None])[:, 0]
+    return own - logp.scatter(-1, token[:, None], float("-inf")).amax(-1)
+
+
+def distill_loss(pm, ids: torch.Tensor, hard: float = 0.0, cap: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(dense base || adapted model under top-K attention), ids [B, T], plus
+    hard x a hinge on the argmax: where the adapted model's margin of the dense argmax token over its
+    best rival falls short of the dense model's own margin (capped at cap nats), the shortfall. It is
+    zero once every argmax agrees with room to spare, so unlike cross-entropy toward the argmax it
+    does not sharpen the distribution where greedy decoding is already safe."""
+    teacher = torch.log_softmax(dense_teacher_logits(pm, ids), -1).flatten(0, 1)  # [B*T, V]
+    student = torch.log_softmax(pm(input_ids=ids).logits.float(), -1).flatten(0, 1)
+    loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    if hard:
+        top = teacher.argmax(-1)
+        want = argmax_margin(teacher, top).clamp(max=cap)
+        loss = loss + hard * torch.relu(want - argmax_margin(student, top)).mean()
+    return loss
 
 
 def save_adapter(pm, out_dir: str, report: dict) -> None:

@@ -114,8 +114,9 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
 
 
 @torch.no_grad()
-def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False):
-    """Dense causal prefill of one prompt ids [1, P] at positions 0..P-1.
+def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int | None = None):
+    """Causal prefill of one prompt ids [1, P] at positions 0..P-1: dense, or each row keeping its
+    top_k keys per head (a model fine-tuned under top-K attention).
 
     Returns hidden [1, P, H], per-layer K and V lists ([1, Hkv, P, D] each), and the attention mass
     each position received summed over layers, heads and queries ([1, P]) if want_mass."""
@@ -131,9 +132,10 @@ def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False):
         q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, head_dim)
         ks.append(k)
         vs.append(v)
-        if want_mass:
-            o, m = slot_attention(q, k, v, pos, pos, scale=getattr(attn, "scaling", None), want_mass=True)
-            mass = m if mass is None else mass + m
+        if want_mass or top_k is not None and top_k < P:
+            o, m = slot_attention(q, k, v, pos, pos, top_k=top_k, scale=getattr(attn, "scaling", None),
+                                  want_mass=want_mass)
+            mass = None if m is None else m if mass is None else mass + m
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=getattr(attn, "scaling", None),
                                                enable_gqa=q.shape[1] != k.shape[1])

@@ -6,8 +6,9 @@
         for out in engine.step():          # StepOutput: request_id, token_id, text, finished, ...
             print(out.text, end="")
 
-Each `step()` first admits waiting requests into free rows (a dense prefill each, which also gives
-their first token), then runs one decode step for every active row at once. A decode step per row:
+Each `step()` first admits waiting requests into free rows (a causal prefill each, which also gives
+their first token: dense, or top-K when the model was fine-tuned under top-K attention), then runs
+one decode step for every active row at once. A decode step per row:
 
   1. the controller reads the current token and scores every past position (adore policies);
   2. the best released tokens are chosen for rebuild (up to R);
@@ -111,6 +112,11 @@ class Engine:
             from .cuda_graph import GraphedDecoder
 
             self.graphed = GraphedDecoder(model, self.cache, policy.top_k, policy.needs_mass)
+        # A model fine-tuned under top-K attention (an `adore finetune` adapter) saw top-K in every
+        # position in training, so its prompt is read under top-K too: a dense prefill would feed
+        # the decode KV states the adapter never produced in training.
+        tuned = (getattr(model, "adore_finetune", None) or {}).get("config", {}).get("top_k")
+        self.prefill_top_k = policy.top_k if tuned is not None else None
         self.requests: dict[str, _Request] = {}
         self.waiting: deque[str] = deque()
         self.rows: list[str] = []  # request id of each active row, rows packed at [0, n)
@@ -179,7 +185,7 @@ class Engine:
         c, pol = self.cache, self.policy
         P = len(req.prompt)
         ids = torch.tensor([req.prompt], device=self.device)
-        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass)
+        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass, top_k=self.prefill_top_k)
         c.clear(row)
         c.tok_at[row, :P] = ids[0]
         pos = torch.arange(P, device=self.device)

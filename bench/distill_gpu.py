@@ -205,8 +205,11 @@ def main() -> None:
                              lora_r=v["r"], lora_alpha=2 * v["r"], quantize=False, seed=v["seed"],
                              distill=True, hard=v["hard"])
         adir = os.path.join(args.work, "adapters", name)
-        _, rep = finetune(base, seqs, cfg, out_dir=adir, progress=False,
-                          meta={"model": "smollm2-135m", "variant": spec, "train_seqs": len(seqs)})
+        if os.path.exists(os.path.join(adir, "adore_finetune.json")):  # trained by an earlier call
+            rep = json.load(open(os.path.join(adir, "adore_finetune.json")))
+        else:
+            _, rep = finetune(base, seqs, cfg, out_dir=adir, progress=False,
+                              meta={"model": "smollm2-135m", "variant": spec, "train_seqs": len(seqs)})
         torch.backends.cuda.matmul.allow_tf32 = False
         del base
         merged = apply_adapter(load_model("smollm2-135m", device=args.device)[0], adir)

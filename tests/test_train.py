@@ -262,3 +262,30 @@ def test_cli_train_controller_self_generated(tmp_path):
                  "--prompt-len", "64", "--seq-len", "48", "--out", str(out)]) == 2
     assert main(["train-controller", "--model", "random:tiny", "--text-files", emma, "--init",
                  str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2
+
+
+def test_model_tuned_under_topk_prefills_under_topk():
+    """A model carrying a top-K adapter's report reads its prompt with top-K attention (what it was
+    trained under): the engine's first token log-prob equals the top-K transformers forward's, and
+    a plain model keeps the dense prefill."""
+    from adore.attention import forward_prompt
+    from adore.models import load_model
+    from adore.train.finetune import set_topk_attention
+
+    model, tok = load_model("random:tiny")
+    ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(1))
+    dense_h = forward_prompt(model, ids)[0]
+    topk_h = forward_prompt(model, ids, top_k=4)[0]
+    assert not torch.allclose(dense_h, topk_h, atol=1e-3)
+    ref = load_model("random:tiny")[0]
+    set_topk_attention(ref, 4)
+    with torch.no_grad():
+        want = torch.log_softmax(ref(input_ids=ids).logits[0, -1].float(), -1)
+    pol = make_policy("adore", AdoreConfig(cache_size=64, top_k=4))
+    assert Engine(model, tok, pol, max_batch=1, max_seq_len=40).prefill_top_k is None
+    model.adore_finetune = {"config": {"top_k": 4}}
+    eng = Engine(model, tok, pol, max_batch=1, max_seq_len=40)
+    assert eng.prefill_top_k == 4
+    nxt = int(want.argmax())
+    out = eng.generate([ids[0].tolist()], SamplingParams(forced_tokens=[nxt]))[0]
+    assert out.logprobs[0] == pytest.approx(want[nxt].item(), abs=1e-4)

@@ -89,13 +89,23 @@ def interleaved_segments(tok, texts: list[str], seq_len: int, per_text: int) -> 
     return [s[j] for j in range(max(map(len, per), default=0)) for s in per if j < len(s)]
 
 
+def self_generated_from(model, tok, texts: list[str], args) -> list:
+    """args.self_generated sequences: a --prompt-len prompt from the texts (interleaved) continued
+    greedily by the model to --seq-len tokens."""
+    from .labels import self_generated
+
+    per = -(-args.self_generated // len(texts))
+    prompts = interleaved_segments(tok, texts, args.prompt_len, per)[: args.self_generated]
+    return self_generated(model, tok, prompts, args.seq_len - args.prompt_len) if prompts else []
+
+
 def cmd_train_controller(args) -> int:
     import torch
 
     from ..controller import ControllerConfig
     from ..models import load_model
     from .controller import TrainConfig, save_checkpoint, train_controller
-    from .labels import LabelConfig, build_dataset, load_dataset, save_dataset, segments, self_generated
+    from .labels import LabelConfig, build_dataset, load_dataset, save_dataset, segments
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,9 +134,7 @@ def cmd_train_controller(args) -> int:
     if args.text_files:
         texts = _texts(args.text_files)
         if args.self_generated:
-            per = -(-args.self_generated // len(texts))
-            prompts = interleaved_segments(tok, texts, args.prompt_len, per)[: args.self_generated]
-            seqs = self_generated(model, tok, prompts, args.seq_len - args.prompt_len) if prompts else []
+            seqs = self_generated_from(model, tok, texts, args)
         else:
             seqs = interleaved_segments(tok, texts, args.seq_len, args.per_text)
         if not seqs:
@@ -156,7 +164,7 @@ def cmd_train_controller(args) -> int:
 def cmd_finetune(args) -> int:
     from ..models import load_model
     from .finetune import FinetuneConfig, finetune
-    from .labels import segments, self_generated
+    from .labels import segments
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.self_generated and not 0 < args.prompt_len < args.seq_len:
@@ -165,9 +173,7 @@ def cmd_finetune(args) -> int:
         raise UserError("--hard weighs a term of the --distill loss: give --distill too")
     texts = _texts(args.text_files)
     if args.self_generated:
-        per = -(-args.self_generated // len(texts))
-        prompts = interleaved_segments(tok, texts, args.prompt_len, per)[: args.self_generated]
-        seqs = self_generated(model, tok, prompts, args.seq_len - args.prompt_len) if prompts else []
+        seqs = self_generated_from(model, tok, texts, args)
     else:
         seqs = segments(tok, texts, args.seq_len)
     if not seqs:

@@ -289,3 +289,23 @@ def test_model_tuned_under_topk_prefills_under_topk():
     nxt = int(want.argmax())
     out = eng.generate([ids[0].tolist()], SamplingParams(forced_tokens=[nxt]))[0]
     assert out.logprobs[0] == pytest.approx(want[nxt].item(), abs=1e-4)
+
+
+def test_topk_attention_per_layer_k():
+    """set_topk_attention(per_layer=): top-K in the named layers only; a later call without it clears it."""
+    from adore.models import load_model
+    from adore.train.finetune import set_topk_attention
+
+    model, _ = load_model("random:tiny")
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(2))
+
+    def logits(top_k, per_layer=None):
+        set_topk_attention(model, top_k, per_layer)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    dense, everywhere = logits(None), logits(2)
+    first_only = logits(None, {0: 2})
+    assert not torch.allclose(first_only, dense, atol=1e-4) and not torch.allclose(first_only, everywhere, atol=1e-4)
+    assert torch.allclose(logits(2, {i: None for i in range(len(model.model.layers))}), dense, atol=1e-5)
+    assert torch.allclose(logits(None), dense, atol=1e-6)  # per-layer K from the last call is gone

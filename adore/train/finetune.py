@@ -64,7 +64,8 @@ def topk_attention(module, query, key, value, attention_mask=None, scaling=None,
     T, S = s.shape[-2:]
     future = torch.arange(S, device=s.device)[None, :] > torch.arange(S - T, S, device=s.device)[:, None]
     s = s.masked_fill(future, float("-inf"))
-    K = module.config.adore_top_k if hasattr(module, "config") else None
+    # a layer's own K (module.adore_top_k, set by set_topk_attention's per_layer) wins over the model's
+    K = getattr(module, "adore_top_k", module.config.adore_top_k if hasattr(module, "config") else None)
     if K is not None and K < S:
         kth = s.topk(K, dim=-1).values[..., -1:].detach()
         s = s.masked_fill(s < kth, float("-inf"))
@@ -84,10 +85,16 @@ def _register() -> None:
         pass
 
 
-def set_topk_attention(model, top_k: int | None) -> None:
-    """Route the model's attention through `topk_attention` with K = top_k (None: dense causal)."""
+def set_topk_attention(model, top_k: int | None, per_layer: dict[int, int | None] | None = None) -> None:
+    """Route the model's attention through `topk_attention` with K = top_k (None: dense causal), or
+    per_layer[i] in decoder layer i where given."""
     _register()
     model.config.adore_top_k = top_k
+    for i, layer in enumerate(model.model.layers):
+        if per_layer is not None and i in per_layer:
+            layer.self_attn.adore_top_k = per_layer[i]
+        elif hasattr(layer.self_attn, "adore_top_k"):
+            del layer.self_attn.adore_top_k
     model.set_attn_implementation(ATTN_NAME)
 
 

@@ -135,7 +135,8 @@ def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int
         if want_mass or top_k is not None and top_k < P:
             o, m = slot_attention(q, k, v, pos, pos, top_k=top_k, scale=getattr(attn, "scaling", None),
                                   want_mass=want_mass)
-            mass = None if m is None else m if mass is None else mass + m
+            if want_mass:
+                mass = m if mass is None else mass + m
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=getattr(attn, "scaling", None),
                                                enable_gqa=q.shape[1] != k.shape[1])

@@ -58,10 +58,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def held_out_prompts(tok, path: str, n: int, span: int) -> list[list[int]]:
     """The prompts of bench/quality.py (prompts_from): n spans spread evenly over the text."""
+    from quality import spread_spans
+
     with open(path, encoding="utf-8") as f:
-        ids = tok.encode(f.read(), add_special_tokens=False)
-    gap = max(span, (len(ids) - span) // n)
-    return [ids[i * gap : i * gap + span] for i in range(n)]
+        return spread_spans(tok.encode(f.read(), add_special_tokens=False), n, span, path)
 
 
 def evaluate(model, tok, spec: str, prompts, ref_ids, max_new: int) -> dict:

@@ -172,14 +172,17 @@ def oracle_ppl(model, ids: list[int], cfg: AdoreConfig) -> dict:
             "cache_size": cfg.cache_size, "top_k": cfg.top_k, "method": "masked forward (reference)"}
 
 
-def prompts_from(args) -> list[list[int]]:
-    ids = held_out_ids(args)
-    span = args.prompt_len
-    gap = max(span, (len(ids) - span) // args.prompts)
-    out = [ids[i * gap : i * gap + span] for i in range(args.prompts)]
+def spread_spans(ids: list[int], n: int, span: int, name: str = "the text") -> list[list[int]]:
+    """n prompts of span tokens spread evenly over ids (every fidelity benchmark's prompt set)."""
+    gap = max(span, (len(ids) - span) // n)
+    out = [ids[i * gap : i * gap + span] for i in range(n)]
     if len(out[-1]) < span:
-        raise SystemExit(f"{args.text_file} is too short for {args.prompts} prompts of {span} tokens")
+        raise SystemExit(f"{name} is too short for {n} prompts of {span} tokens")
     return out
+
+
+def prompts_from(args) -> list[list[int]]:
+    return spread_spans(held_out_ids(args), args.prompts, args.prompt_len, args.text_file)
 
 
 def label_for(args, task: str, spec: str) -> str:

@@ -4,6 +4,7 @@
 #   jobs/local_cluster.sh start [NUM_CPUS]   start `ray start --head --block` in its own session;
 #                                            prints the dashboard address to submit to
 #   jobs/local_cluster.sh address            that address again
+#   jobs/local_cluster.sh env                the exports a client of this cluster needs (token auth)
 #   jobs/local_cluster.sh stop               SIGTERM to that `ray start` process only: it shuts down
 #                                            the processes it started (GCS, raylet, dashboard, workers,
 #                                            job drivers); then remove <temp-dir>/ray_current_cluster
@@ -12,12 +13,21 @@
 # test instances included. State lives in $ADORE_RAY_DIR (default /tmp/adore-ray): tmp/ (Ray's
 # --temp-dir), pid, address, ray.log. Ports: the dashboard takes 8265 when it is free, else a free
 # one; GCS, dashboard agent and Ray client ports are free ones, so that two clusters can coexist.
-# A `ray start` cluster enables token auth: clients need RAY_AUTH_MODE=token (the token is read
-# from ~/.ray/auth_token, which `ray start` creates when missing; `ray get-auth-token` prints it).
+# Token auth: the cluster uses its own token, $ADORE_RAY_DIR/auth_token (made on first start, mode
+# 600), never ~/.ray: nothing here depends on the user's home directory. Clients of this cluster
+# need RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<that file>; `jobs/local_cluster.sh env` prints
+# both as shell exports (scripts/main.sh evaluates it).
 set -euo pipefail
 
 DIR=${ADORE_RAY_DIR:-/tmp/adore-ray}
 PY=${PYTHON:-python}
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$DIR/auth_token}
+
+make_token() {  # a fresh random token in $RAY_AUTH_TOKEN_PATH unless one is there already
+  [[ -s "$RAY_AUTH_TOKEN_PATH" ]] && return 0
+  mkdir -p "$(dirname "$RAY_AUTH_TOKEN_PATH")"
+  (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$RAY_AUTH_TOKEN_PATH")
+}
 
 free_port() {  # $1: preferred port (optional)
   "$PY" - "${1:-0}" <<'EOF'
@@ -42,6 +52,7 @@ start() {
   local cpus=${1:-2}
   if alive; then echo "already running: $(cat "$DIR/address")"; return 0; fi
   mkdir -p "$DIR/tmp"
+  make_token
   local dash
   dash=$(free_port 8265)
   setsid ray start --head --block --num-cpus "$cpus" --temp-dir "$DIR/tmp" \
@@ -51,7 +62,7 @@ start() {
   echo $! >"$DIR/pid"
   echo "http://127.0.0.1:$dash" >"$DIR/address"
   for _ in $(seq 120); do
-    if RAY_AUTH_MODE=token ray job list --address "$(cat "$DIR/address")" >/dev/null 2>&1; then
+    if ray job list --address "$(cat "$DIR/address")" >/dev/null 2>&1; then
       cat "$DIR/address"
       return 0
     fi
@@ -77,5 +88,6 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop ;;
   address) cat "$DIR/address" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  env) echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(printf %q "$RAY_AUTH_TOKEN_PATH")" ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

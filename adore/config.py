@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this decode greedily: dividing logits by a smaller number overflows float32
+# (1e-50 is 0 in float32, and x / 0 gives inf and NaN probabilities). vLLM draws the same line.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0  # OpenAI's bound
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes [-2^63, 2^64))
 
 
 class UserError(ValueError):
@@ -77,9 +84,13 @@ class SamplingParams:
             self.max_tokens = len(self.forced_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise UserError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise UserError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
+        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise UserError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]

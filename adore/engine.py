@@ -44,8 +44,9 @@ class StepOutput:
     token_id: int | None  # None when a request ends without a new token (stop string, abort)
     text: str  # new text since the previous output of this request
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     logprob: float | None = None
+    error: str | None = None  # finish_reason "error": what failed (the other requests go on)
 
 
 @dataclass
@@ -169,12 +170,35 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
+        """Admit waiting requests, then one decode step for every active row.
+
+        A request whose prefill fails ends with finish_reason "error" and the step goes on; a failing
+        decode ends the rows of that step the same way (their cache rows are freed), so one bad
+        request never takes the engine, or a server built on it, down."""
         outs: list[StepOutput] = []
         while self.waiting and len(self.rows) < self.max_batch:
-            self._prefill(self.requests[self.waiting.popleft()], outs)
+            req = self.requests[self.waiting.popleft()]
+            try:
+                self._prefill(req, outs)
+            except Exception as e:  # noqa: BLE001 - reported to that request, the engine lives on
+                self._fail([req], e, outs)
         if self.rows:
-            self._decode(outs)
+            reqs = [self.requests[r] for r in self.rows]
+            n_out = len(outs)
+            try:
+                self._decode(outs)
+            except Exception as e:  # noqa: BLE001
+                del outs[n_out:]
+                self._fail(reqs, e, outs)
         return outs
+
+    def _fail(self, reqs: list[_Request], exc: Exception, outs: list[StepOutput]) -> None:
+        msg = f"{type(exc).__name__}: {exc}"[:500]
+        rows = [self.rows.index(r.rid) for r in reqs if r.rid in self.rows]
+        self._free_rows(rows)
+        for r in reqs:
+            r.finish_reason = "error"
+            outs.append(StepOutput(r.rid, None, "", True, "error", error=msg))
 
     def _prefill(self, req: _Request, outs: list[StepOutput]) -> None:
         if req.params.max_tokens == 0:
@@ -298,14 +322,20 @@ class Engine:
         st["peak_step_tokens"] = max(st["peak_step_tokens"], step_tokens)
 
         # 5. next tokens
-        done = []
+        done, failed = [], []
         toks, lps, hits = self._choose(reqs, logits)
         for i, req in enumerate(reqs):
             req.next_pos += 1
-            self._emit(req, toks[i], lps[i], hits[i], outs)
+            try:  # per-row host work (detokenising, stop strings): a failure ends that row only
+                self._emit(req, toks[i], lps[i], hits[i], outs)
+            except Exception as e:  # noqa: BLE001
+                failed.append((req, e))
+                continue
             if req.finish_reason is not None:
                 done.append(i)
         self._free_rows(done)
+        for req, e in failed:
+            self._fail([req], e, outs)
 
     # -- tokens out ------------------------------------------------------------------------------
     def _choose(self, reqs: list[_Request], logits: torch.Tensor

@@ -15,10 +15,19 @@ def make_generator(seed: int | None, device) -> torch.Generator:
 
 
 def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """logits [V] -> token id. temperature 0 is greedy (argmax, lowest id on ties)."""
+    """logits [V] -> token id. temperature 0 is greedy (argmax, lowest id on ties).
+
+    Whatever the temperature, the probabilities stay finite: the logits are shifted so that their
+    maximum is 0 before dividing (so nothing overflows to inf), and a row that still holds no usable
+    probability (NaN logits from the model) falls back to the argmax instead of failing the step.
+    """
     if temperature <= 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    x = logits.float()
+    z = (x - x.max()) / max(float(temperature), 1e-30)
+    probs = torch.softmax(z, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        return int(torch.argmax(logits))
     if top_p < 1.0:
         sp, si = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)

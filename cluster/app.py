@@ -11,6 +11,9 @@ deployment's replicas; autoscaling targets `max_batch` ongoing requests per repl
 
 from __future__ import annotations
 
+import logging
+
+import ray
 from ray import serve
 
 from workers.group import bundles
@@ -18,6 +21,9 @@ from workers.group import bundles
 from .config import ServeArgs
 from .ingress import Ingress
 from .model_server import ModelServer
+
+HEALTH_CHECK_PERIOD_S = 2.0
+log = logging.getLogger("ray.serve")
 
 
 def model_deployment_options(cfg: ServeArgs, policy: str) -> dict:
@@ -30,10 +36,12 @@ def model_deployment_options(cfg: ServeArgs, policy: str) -> dict:
         # (max_queue waiting requests) is the precise one.
         "max_queued_requests": cfg.max_queue + cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": 0},
-        "placement_group_bundles": bundles(cfg.tp, cfg.cpus_per_rank, spec.uses_gpu),
+        "placement_group_bundles": bundles(cfg.tp, cfg.cpus_per_rank or 1.0, spec.uses_gpu),
         "placement_group_strategy": "STRICT_PACK",
-        "health_check_period_s": 30,
-        "health_check_timeout_s": 60,
+        # A dead rank fails the replica's next check (ModelServer.check_health): checked often, so
+        # that Serve replaces it within seconds; the check itself answers in at most ~10 s.
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 20,
     }
     if cfg.min_replicas is not None:
@@ -47,8 +55,12 @@ def model_deployment_options(cfg: ServeArgs, policy: str) -> dict:
 def build_app(args: dict) -> serve.Application:
     """args: see cluster/config.py (model, policies, tp, num_replicas | min/max_replicas, ...)."""
     cfg = ServeArgs.parse(args)
+    cfg.device = cfg.resolved_device()  # decided once, here, for every replica
+    if ray.is_initialized():  # defaults that fit this cluster (`adore serve` checked strictly already)
+        res = ray.cluster_resources()
+        for problem in cfg.fit_to_cluster(res.get("CPU", 0.0), res.get("GPU", 0.0), strict=False):
+            log.warning("adore: %s (replicas that do not fit wait for the cluster to grow)", problem)
     plain = cfg.to_dict()
-    plain["device"] = cfg.resolved_device()  # decided once, here, for every replica
     model = serve.deployment(ModelServer)
     models = {cfg.model_id(p): model.options(**model_deployment_options(cfg, p)).bind(plain, p)
               for p in cfg.policy_list}

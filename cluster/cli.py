@@ -33,7 +33,8 @@ def register(subparsers) -> None:
                    help="requests Serve sends one replica at a time (default: max-batch + max-queue)")
     g.add_argument("--stream-interval", type=float, default=0.0,
                    help="seconds between a request's stream chunks (0: one per step; raise it for many streams)")
-    g.add_argument("--cpus-per-rank", type=float, default=1.0, help="Ray CPUs reserved per rank")
+    g.add_argument("--cpus-per-rank", type=float, default=None,
+                   help="Ray CPUs reserved per rank (default: an equal share of the cluster's CPUs, at most 1)")
     g.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     g.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
@@ -83,6 +84,12 @@ def cmd_serve(a) -> int:
     else:
         ray.init(num_cpus=a.num_cpus, _temp_dir=a.ray_temp_dir)
     try:
+        res = ray.cluster_resources()
+        # what does not fit is said now (UserError: one line, exit 2), not found as requests that wait
+        cfg.fit_to_cluster(res.get("CPU", 0.0), res.get("GPU", 0.0), strict=not a.address)
+        args.update(cpus_per_rank=cfg.cpus_per_rank, threads=cfg.threads)
+        print(f"adore: {cfg.total_ranks} rank(s), {cfg.cpus_per_rank:g} CPU and {cfg.threads or 'all'} torch "
+              f"thread(s) each, on {res.get('CPU', 0):g} CPUs", file=sys.stderr, flush=True)
         serve.start(http_options={"host": a.host, "port": a.port})
         serve.run(build_app(args), name="adore", route_prefix="/", blocking=False)
         ids = ", ".join(cfg.model_id(p) for p in cfg.policy_list)

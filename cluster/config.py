@@ -17,7 +17,13 @@ typo fails the deployment with a clear message instead of inside a replica.
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
     dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
-    cpus_per_rank, threads, ingress_replicas, retry_after_s
+    cpus_per_rank         Ray CPUs reserved per rank; None: what fits (every rank of every policy's
+                          replicas on the cluster's CPUs, at most 1 each; see fit_to_cluster)
+    threads               torch threads per rank; None: the rank's whole CPUs (at least 1)
+    ingress_replicas, retry_after_s
+    max_request_bytes     larger request bodies get 413 before they are read
+    request_read_timeout_s  a body not received within this long gets 408 (a client that declares more
+                          than it sends must not hold a connection forever)
     stream_interval_s     0: one stream chunk per engine step; > 0: a request's tokens are sent at most
                           this often (the first at once), which many concurrent streams need: each chunk
                           costs the replica's event loop ~0.2 ms, so 256 streams chunked per step can
@@ -63,11 +69,13 @@ class ServeArgs:
     adapter: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    cpus_per_rank: float = 1.0
+    cpus_per_rank: float | None = None
     threads: int | None = None
     ingress_replicas: int = 1
     retry_after_s: float | None = None  # None: estimated from the replica's queue and step time
     stream_interval_s: float = 0.0
+    max_request_bytes: int = 2 * 2**20
+    request_read_timeout_s: float = 30.0
 
     @classmethod
     def parse(cls, args: dict | None) -> ServeArgs:
@@ -77,7 +85,7 @@ class ServeArgs:
         if unknown:
             raise UserError(f"unknown serve args: {sorted(unknown)}; known: {sorted(known)}")
         ints = ("tp", "max_ongoing_requests", "max_batch", "max_queue", "max_seq_len", "rebuild",
-                "ingress_replicas", "protect_recent")
+                "ingress_replicas", "protect_recent", "max_request_bytes")
         opt_ints = ("num_replicas", "min_replicas", "max_replicas", "cache_size", "top_k", "threads")
         try:
             for k in ints:
@@ -86,7 +94,8 @@ class ServeArgs:
             for k in opt_ints:
                 if k in args:
                     args[k] = _opt_int(args[k])
-            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s", "promote_margin"):
+            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s", "promote_margin",
+                      "request_read_timeout_s"):
                 if args.get(k) is not None:
                     args[k] = float(args[k])
         except (TypeError, ValueError) as e:
@@ -108,9 +117,13 @@ class ServeArgs:
         lo, hi = self.replica_bounds
         if not 0 <= lo <= hi or hi < 1:
             raise UserError(f"replica bounds must satisfy 0 <= min <= max, max >= 1; got {lo}..{hi}")
-        for k in ("tp", "max_ongoing_requests", "max_batch", "ingress_replicas"):
+        for k in ("tp", "max_ongoing_requests", "max_batch", "ingress_replicas", "max_request_bytes"):
             if getattr(self, k) < 1:
                 raise UserError(f"{k} must be >= 1")
+        if self.cpus_per_rank is not None and not self.cpus_per_rank > 0:
+            raise UserError(f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
+        if not self.request_read_timeout_s > 0:
+            raise UserError("request_read_timeout_s must be > 0")
         if self.max_queue < 0:
             raise UserError("max_queue must be >= 0")
         from adore.policies import policy_names
@@ -169,6 +182,39 @@ class ServeArgs:
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                           threads=self.threads)
+
+    @property
+    def total_ranks(self) -> int:
+        """Rank actors of the whole application at its largest (every policy, max replicas, tp)."""
+        return len(self.policy_list) * self.replica_bounds[1] * self.tp
+
+    def fit_to_cluster(self, cpus: float, gpus: float = 0.0, strict: bool = True) -> list[str]:
+        """Fill in the defaults that depend on the cluster (cpus_per_rank: an equal share of `cpus`
+        for every rank, at most 1; threads: the cores each rank may use) and check that every
+        replica can be placed.
+
+        Without this a replica that cannot be placed is never scheduled and its requests wait
+        (four policies on a 2-CPU machine at 1 CPU a rank: two never ran). What does not fit raises
+        UserError (strict: a local cluster, which will not grow) or is returned as warnings (a cluster
+        that may autoscale)."""
+        n = self.total_ranks
+        uses_gpu = self.resolved_device().startswith("cuda")
+        problems = []
+        if uses_gpu and n > gpus:
+            problems.append(f"{n} ranks ({len(self.policy_list)} policies x {self.replica_bounds[1]} replicas "
+                            f"x tp {self.tp}) need {n} GPUs; the cluster has {gpus:g}")
+        if self.cpus_per_rank is None:
+            self.cpus_per_rank = max(0.01, min(1.0, int(cpus / n * 100) / 100))
+        if self.cpus_per_rank * n > cpus + 1e-9:
+            problems.append(f"{n} ranks ({len(self.policy_list)} policies x {self.replica_bounds[1]} replicas x "
+                            f"tp {self.tp}) x cpus_per_rank {self.cpus_per_rank:g} = "
+                            f"{self.cpus_per_rank * n:g} CPUs, but the cluster has {cpus:g}: lower "
+                            f"cpus_per_rank (or leave it unset: what fits), or serve fewer policies/replicas")
+        if self.threads is None and not uses_gpu:
+            self.threads = max(1, int(cpus // n))
+        if problems and strict:
+            raise UserError("; ".join(problems))
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,8 +11,8 @@ import math
 from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "server_overloaded", 500: "server_error"}
+          404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "server_overloaded", 500: "server_error"}
 
 
 class ApiError(Exception):
@@ -53,10 +53,27 @@ def overloaded(message: str, retry_after_s: float) -> ApiError:
     return ApiError(503, message, code="overloaded", retry_after_s=retry_after_s)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "StrictStr", "StrictInt"}
+
+
+def _is_tag(x) -> bool:
+    """pydantic names the branch of a union it tried in the location ("str", "list[int]", ...)."""
+    return isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x)
+
+
 def from_validation(errors: list[dict]) -> ApiError:
-    """pydantic / FastAPI validation errors -> one 400 naming the first bad field."""
-    e = errors[0] if errors else {}
-    loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
-    param = ".".join(loc) or None
+    """pydantic / FastAPI validation errors -> one 400 naming the first bad field.
+
+    For a union field (a prompt is a string or a list of token ids) pydantic reports one error per
+    branch; the deepest one is the branch the value was meant for (a list's bad element), so that is
+    the one reported, under the field's own name."""
+    if not errors:
+        return bad_request("invalid request", code="invalid_value")
+    first_field = next((x for x in errors[0].get("loc", ()) if x != "body"), None)
+    same = [e for e in errors if next((x for x in e.get("loc", ()) if x != "body"), None) == first_field]
+    e = max(same, key=lambda e: len(e.get("loc", ())))
+    loc = [x for x in e.get("loc", ()) if x != "body" and not _is_tag(x)]
+    where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+    param = str(loc[0]) if loc else None
     msg = e.get("msg", "invalid request")
-    return bad_request(f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+    return bad_request(f"{where}: {msg}" if where else msg, param=param, code="invalid_value")

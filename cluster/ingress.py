@@ -3,13 +3,17 @@
     GET  /v1/models                 the model ids ("<model>:<policy>")
     POST /v1/completions            prompt -> text       (stream: true -> SSE, ends with data: [DONE])
     POST /v1/chat/completions       messages -> message  (through the model's chat template)
-    GET  /-/healthz, /health        liveness (Serve's proxy also answers /-/healthz itself)
+    GET  /-/healthz                 liveness (Serve's proxy also answers it itself)
+    GET  /health                    readiness: 503 while a model has no running replica
     GET  /metrics                   Prometheus text (cluster/metrics.py)
 
-The body is parsed and validated here (invalid JSON, wrong types, unknown model, bad numbers -> 400 /
-404); prompt length checks need the tokenizer and happen in the model replica, which answers with an
-error event before any token, so a streaming request still gets a proper status code. A replica that
-is full answers 503 + Retry-After; so does Serve's router when its own queue is full.
+The body is read here with a size limit (413) and a read timeout (408), parsed (invalid JSON, nesting
+deeper than MAX_JSON_DEPTH, lone UTF-16 surrogates -> 400) and validated (wrong types, unknown model,
+numbers out of bounds -> 400 / 404); prompt length checks need the tokenizer and happen in the model
+replica, which answers with an error event before any token, so a streaming request still gets a
+proper status code. A replica that is full answers 503 + Retry-After; so does Serve's router when its
+own queue is full, and so does this ingress when a model has no running replica (checked every
+NO_REPLICA_CHECK_S while a request waits to be assigned), instead of letting the request wait.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations of
@@ -21,12 +25,14 @@ import logging
 import os
 import time
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.requests import ClientDisconnect
 
 from . import schemas
 from .config import API_TOKEN_ENV, ServeArgs
@@ -35,6 +41,8 @@ from .metrics import ApiMetrics
 
 app = FastAPI(title="ADORE", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; json.loads itself fails near 1,000
+NO_REPLICA_CHECK_S = 1.0
 
 
 @app.exception_handler(ApiError)
@@ -57,25 +65,112 @@ async def _bad_method(req: Request, _exc):
     return ApiError(405, f"method {req.method} not allowed on {req.url.path}").response()
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, at most `limit` bytes (413 before reading when Content-Length says more), all of it
+    within `timeout_s` (408: a client that declares more than it sends must not hold the request)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("Content-Length is not a number", code="invalid_request")
+        if int(declared) > limit:
+            raise ApiError(413, f"the request body ({int(declared)} bytes) is larger than this server's "
+                                f"limit of {limit} bytes", code="request_too_large")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    chunks, size = [], 0
+    parts = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(parts.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body was not received within {timeout_s:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise bad_request("the client disconnected while sending the body", code="client_disconnected") from None
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_json(value) -> None:
+    """Depth and text checks over a parsed body, iteratively (no recursion to exhaust): strings must be
+    valid Unicode (JSON's \\ud800 escapes can encode lone surrogates, which no tokenizer can read)."""
+    stack = [(value, 1, "")]
+    while stack:
+        v, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1, f"{path}.{k}" if path else str(k)) for k, x in v.items())
+            texts = list(v)
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1, f"{path}[{i}]") for i, x in enumerate(v))
+            texts = []
+        else:
+            texts = [v] if isinstance(v, str) else []
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{path or 'body'}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), "
+                                  f"which is not valid Unicode", param=path.split("[")[0].split(".")[0] or None,
+                                  code="invalid_text") from None
+
+
+async def _json_body(request: Request, cfg: ServeArgs) -> dict:
+    raw = await _read_body(request, cfg.max_request_bytes, cfg.request_read_timeout_s)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
+    _check_json(body)
     return body
 
 
-def _server_error(exc: Exception) -> ApiError:
+def _server_error(exc: Exception, retry_after_s: float = 5.0) -> ApiError:
     from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
         return ApiError(503, "the model replica is unavailable; retry later", code="unavailable",
-                        retry_after_s=5)
+                        retry_after_s=retry_after_s)
     log.error("request failed: %r", exc)
     return ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+def _replica_states(model_id: str) -> dict | None:
+    """Replica counts by state ({"RUNNING": 1, "STARTING": 1}) of a model id's deployment, from Serve's
+    controller; None when it cannot tell (then the request keeps waiting, as before)."""
+    try:
+        ctx = serve.get_replica_context()
+        dep = f"model-{model_id.rsplit(':', 1)[1]}"
+        status = serve.status().applications[ctx.app_name].deployments[dep]
+        return {str(getattr(k, "value", k)): n for k, n in status.replica_states.items() if n}
+    except Exception:
+        return None
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether a replica's Ray actor still exists (a dead one's name is released at once)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _describe(states: dict) -> str:
+    return ", ".join(f"{n} {k.lower()}" for k, n in sorted(states.items())) or "no replicas"
 
 
 def _sse(obj) -> bytes:
@@ -112,8 +207,22 @@ class Ingress:
 
     # -- routes --------------------------------------------------------------------------------
     @app.get("/-/healthz")
+    async def liveness(self):
+        return Response("success", media_type="text/plain")
+
     @app.get("/health")
     async def health(self):
+        """Readiness: 200 when every model has a running replica, else 503 naming what is missing
+        (Serve's proxy answers /-/healthz itself: that one says only that HTTP is up)."""
+        missing = {}
+        for m in self.models:
+            states = await asyncio.to_thread(_replica_states, m)
+            if states is not None and not states.get("RUNNING"):
+                missing[m] = _describe(states)
+        if missing:
+            return ApiError(503, "no running replica: " + "; ".join(f"{m} ({d})" for m, d in missing.items()),
+                            code="unavailable", retry_after_s=max(self._restart_estimate_s(m) for m in missing)
+                            ).response()
         return Response("success", media_type="text/plain")
 
     @app.get("/metrics")
@@ -129,6 +238,7 @@ class Ingress:
         calls = [fetch(h) for m, h in self.models.items()
                  for _ in range(2 * self.metrics.n_replicas(m) + 1)]
         await asyncio.gather(*calls)
+        await asyncio.to_thread(self.metrics.forget_dead, _actor_alive)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -151,27 +261,18 @@ class Ingress:
         model = "-"
         try:
             self._auth(request)
-            body = await _json_body(request)
-            try:
-                req = (schemas.ChatCompletionRequest if kind == "chat" else schemas.CompletionRequest
-                       ).model_validate(body)
-            except ValidationError as e:
-                raise from_validation(e.errors()) from None
+            req = await self._parse(request, kind)
             model, handle = self._handle(req.model)
             payload = self._payload(kind, req)
             stream = handle.options(stream=True).generate.remote(payload)
-            try:
-                first = await stream.__anext__()
-            except BackPressureError:
-                raise overloaded("server overloaded: too many queued requests; retry later",
-                                 self.cfg.retry_after_s or 1.0) from None
+            first = await self._first_event(model, stream)
             if first["event"] == "error":
                 raise ApiError.from_event(first)
         except ApiError as e:
             self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
             return e.response()
         except Exception as e:  # a replica died or failed: not the client's fault
-            e = _server_error(e)
+            e = _server_error(e, self._restart_estimate_s(model))
             self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
             return e.response()
         self.metrics.prompt_tokens.labels(model).inc(first["prompt_tokens"])
@@ -183,6 +284,47 @@ class Ingress:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                               "X-Adore-Replica": first.get("replica", "")})
         return await self._collect(stream, ctx)
+
+    async def _parse(self, request: Request, kind: str):
+        """The validated request. Whatever a client sends ends here as an ApiError (4xx), never as
+        an exception that would become a 500."""
+        body = await _json_body(request, self.cfg)
+        try:
+            return (schemas.ChatCompletionRequest if kind == "chat" else schemas.CompletionRequest
+                    ).model_validate(body)
+        except ValidationError as e:
+            raise from_validation(e.errors()) from None
+        except (RecursionError, ValueError, TypeError) as e:
+            raise bad_request(f"invalid request: {type(e).__name__}", code="invalid_request") from None
+
+    async def _first_event(self, model: str, stream) -> dict:
+        """Wait for the replica's first event ("start" or "error"). While the request waits in Serve's
+        router (every replica busy, or none running), check each NO_REPLICA_CHECK_S that the model
+        still has a running replica: if not, 503 + Retry-After now instead of a wait with no end."""
+        nxt = asyncio.ensure_future(stream.__anext__())
+        self.metrics.unassigned[model] = self.metrics.unassigned.get(model, 0) + 1
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=NO_REPLICA_CHECK_S)
+                if done:
+                    try:
+                        return nxt.result()
+                    except BackPressureError:
+                        raise overloaded("server overloaded: too many queued requests; retry later",
+                                         self.cfg.retry_after_s or 1.0) from None
+                state = await asyncio.to_thread(_replica_states, model)
+                if state is not None and not state.get("RUNNING"):
+                    nxt.cancel()
+                    stream.cancel()
+                    raise ApiError(503, f"the model {model!r} has no running replica right now "
+                                        f"({_describe(state)}); retry later", code="unavailable",
+                                   retry_after_s=self._restart_estimate_s(model))
+        finally:
+            self.metrics.unassigned[model] -= 1
+
+    def _restart_estimate_s(self, model: str) -> float:
+        """Retry-After for a replica being replaced: how long this model's replicas took to start."""
+        return self.metrics.startup_s(model) + 2.0
 
     def _payload(self, kind: str, req) -> dict:
         mt = req.requested_max_tokens() if kind == "chat" else req.max_tokens
@@ -228,7 +370,7 @@ class Ingress:
                 parts.append(ev["text"])
                 finish = ev["finish_reason"] or finish
         except Exception as e:
-            e = e if isinstance(e, ApiError) else _server_error(e)
+            e = e if isinstance(e, ApiError) else _server_error(e, self._restart_estimate_s(ctx["model"]))
             self._done(ctx, str(e.status))
             return e.response()
         finally:
@@ -264,7 +406,7 @@ class Ingress:
                         yield _sse(schemas.completion_chunk(rid, model, "", finish, created))
                     status = "200"
         except Exception as e:  # the replica failed mid-stream: tell the client in-band, then close
-            err = _server_error(e)
+            err = _server_error(e, self._restart_estimate_s(ctx["model"]))
             status = str(err.status)
             yield _sse(err.body())
         else:

@@ -7,13 +7,17 @@
     adore_time_to_first_token_seconds{model}         histogram, request arrival -> first token
     adore_request_duration_seconds{model}            histogram, arrival -> last token
     adore_running_sequences{model}                   sequences decoding (sum over replicas)
-    adore_waiting_sequences{model}                   requests waiting for a free row
+    adore_waiting_sequences{model}                   requests waiting: for a free engine row, or in Serve's
+                                                     router for a replica (the latter also alone below)
+    adore_router_queued_requests{model}              requests this ingress sent that no replica took yet
     adore_tokens_released_total{model}               tokens released from the bounded caches
     adore_tokens_rebuilt_total{model}                released tokens rebuilt into the caches
     adore_engine_steps_total{model}, adore_engine_decode_tokens_total{model}, adore_batch_size_peak{model}
 
-Replica-side numbers come from the snapshots replicas attach to every finished stream and from a
-`stats` call at scrape time; each replica also exports its own gauges through Ray's metrics agent
+Replica-side numbers come from the snapshots replicas attach to their stream chunks (at most one a
+second per replica, and at each request's end) and from a `stats` call at scrape time. A replica's
+numbers are dropped as soon as its actor is gone or it reports itself failed (`forget_dead`), else
+after STALE_S without news; each replica also exports its own gauges through Ray's metrics agent
 (`ray_adore_replica_*` on the metrics export port), the cluster-wide source a Prometheus scrapes.
 """
 
@@ -26,7 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-STALE_S = 300.0  # forget a replica's snapshot after this long without news (scaled down, restarted)
+STALE_S = 60.0  # forget a replica's snapshot after this long without news (a dead one: see forget_dead)
+DEFAULT_STARTUP_S = 10.0  # a replica's start time before any replica has reported its own
 
 
 class ApiMetrics:
@@ -52,6 +57,8 @@ class ApiMetrics:
             "decode_tokens": g("adore_engine_decode_tokens_total", "Sequence-steps decoded"),
             "peak_running": g("adore_batch_size_peak", "Largest decode batch seen (per replica, max)"),
         }
+        self.router_queued = g("adore_router_queued_requests", "Requests sent that no replica took yet")
+        self.unassigned: dict[str, int] = {}  # model -> requests awaiting their replica's first event
         self._recent: dict[str, deque] = {}
         self._replicas: dict[str, dict[str, dict]] = {}  # model -> replica -> latest snapshot
 
@@ -62,6 +69,18 @@ class ApiMetrics:
 
     def n_replicas(self, model: str) -> int:
         return len(self._replicas.get(model, ()))
+
+    def startup_s(self, model: str) -> float:
+        """How long this model's replicas took to start (the longest known): a replacement's wait."""
+        known = [s["startup_s"] for s in self._replicas.get(model, {}).values() if s.get("startup_s")]
+        return max(known, default=DEFAULT_STARTUP_S)
+
+    def forget_dead(self, alive) -> None:
+        """Drop the snapshots of replicas that failed or whose actor is gone (`alive(actor_name)`)."""
+        for reps in self._replicas.values():
+            for rep, snap in list(reps.items()):
+                if not snap.get("healthy", True) or (snap.get("actor") and not alive(snap["actor"])):
+                    del reps[rep]
 
     def replica_snapshot(self, snap: dict | None) -> None:
         if snap and "model" in snap:
@@ -83,4 +102,9 @@ class ApiMetrics:
             for key, gauge in self.replica_gauges.items():
                 vals = [s.get(key, 0) for s in reps.values()]
                 gauge.labels(model).set(max(vals, default=0) if key == "peak_running" else sum(vals))
+        for model in set(self._replicas) | set(self.unassigned):
+            queued = self.unassigned.get(model, 0)
+            self.router_queued.labels(model).set(queued)
+            waiting = sum(s.get("waiting", 0) for s in self._replicas.get(model, {}).values())
+            self.replica_gauges["waiting"].labels(model).set(waiting + queued)
         return generate_latest(self.registry)

@@ -3,7 +3,12 @@
 Supported: one prompt (a string, or a list of token ids, or a one-element list of strings), n = 1,
 max_tokens, temperature, top_p, stop, seed, stream (+ stream_options.include_usage), user. Extension:
 ignore_eos (generate exactly max_tokens tokens; benchmarks use it). Other OpenAI fields are accepted
-and ignored when they are at their neutral value (penalties 0, logit_bias empty), refused otherwise.
+and ignored when they are at their neutral value (penalties 0, logit_bias empty, logprobs off,
+response_format text, no tools), refused with a 400 naming the field otherwise; unknown fields are
+ignored, as OpenAI's API does.
+
+This is the one place where every number of a request is bounded to what the engine can honour,
+for both endpoints (the engine's SamplingParams checks the same bounds again for library users).
 """
 
 from __future__ import annotations
@@ -12,26 +17,54 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from adore.config import MAX_TEMPERATURE, SEED_MAX, SEED_MIN
 
 from .errors import bad_request
 
 Number = StrictFloat | StrictInt
+MAX_STOP_CHARS = 512  # per stop string: the detokenizer checks every prefix of each one per token
+TOKEN_ID_MAX = 2**31 - 1  # beyond any vocabulary; the replica checks the model's own size
+
+
+class Unsupported:
+    """OpenAI fields this server accepts only at their neutral value: field -> allowed values."""
+
+    def __init__(self, **neutral: tuple) -> None:
+        self.neutral = neutral
+
+    def check(self, data):
+        """Raises the 400 itself (an ApiError passes through pydantic), so that it names the field."""
+        if isinstance(data, dict):
+            for name, ok in self.neutral.items():
+                if name in data and data[name] not in ok:
+                    raise bad_request(f"{name}: {str(data[name])[:100]} is not supported by this server "
+                                      f"(accepted: {', '.join(repr(v) for v in ok)}, or leave it out)",
+                                      param=name, code="unsupported_value")
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+CHAT_NEUTRAL_ONLY = Unsupported(
+    logprobs=(None, False), top_logprobs=(None, 0), response_format=(None, {"type": "text"}),
+    tools=(None, []), tool_choice=(None, "none"), functions=(None, []), function_call=(None, "none"),
+    audio=(None,), modalities=(None, ["text"]), prediction=(None,))
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
-    max_tokens: StrictInt | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    max_tokens: StrictInt | None = None  # bounded by the model's context (ingress and replica)
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    stop: Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)] | list[
+        Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
@@ -58,7 +91,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[Annotated[StrictInt, Field(ge=0, le=TOKEN_ID_MAX)]] | list[StrictStr]
     echo: Literal[False] = False
     suffix: None = None
     logprobs: Literal[0] | None = None
@@ -97,8 +130,11 @@ class Message(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool | None = None
-    tools: None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral_only(cls, data):
+        return CHAT_NEUTRAL_ONLY.check(data)
 
     def chat_messages(self) -> list[dict]:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}

@@ -149,3 +149,54 @@ def test_top1_flags_forced_tokens_against_greedy(tiny):
     assert same.top1 == [True] * 20 and same.logprobs == pytest.approx(greedy.logprobs, abs=1e-5)
     assert other.top1[:7] == [True] * 7 and other.top1[7] is False
     assert other.logprobs[7] < greedy.logprobs[7]
+
+
+def test_sampling_never_makes_nan_and_bounds_are_user_errors():
+    import torch
+
+    from adore.sampling import pick_token
+
+    for t in (1e-50, 5e-324):  # issue 16: once NaN probabilities and a dead engine loop
+        assert SamplingParams(temperature=t).temperature == 0.0  # greedy below 1e-5
+    logits = torch.tensor([1.0, 3.0, 2.0, -1e30])
+    gen = torch.Generator().manual_seed(0)
+    assert pick_token(logits, 1e-30, 1.0, gen) == 1  # shifted before dividing: no inf - inf
+    assert pick_token(torch.tensor([float("nan")] * 4), 0.7, 0.9, gen) in range(4)
+    assert pick_token(torch.tensor([0.0, float("inf"), 0.0]), 1.0, 1.0, gen) == 1
+    for kw in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"temperature": float("nan")}, {"temperature": 2.5},
+               {"top_p": float("nan")}):
+        with pytest.raises(UserError):
+            SamplingParams(**kw)
+    SamplingParams(temperature=1.0, seed=-(2**63))
+    SamplingParams(temperature=1.0, seed=2**63 - 1)
+
+
+def test_a_failing_request_ends_alone_and_the_engine_goes_on(tiny):
+    """A request whose host-side work fails ends with finish_reason "error"; the others in the same
+    batch decode exactly as they would have, and the engine serves later requests."""
+    model, tok = tiny
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128).generate(PROMPTS[:2], params)
+
+    eng = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128)
+    good = eng.add_request(PROMPTS[0], params)
+    bad = eng.add_request(PROMPTS[2], params)
+    other = eng.add_request(PROMPTS[1], params)
+    outs = eng.step()  # prefills
+    calls = {"n": 0}
+
+    def boom(tok_id):
+        calls["n"] += 1
+        raise RuntimeError("detokenizer exploded")
+
+    eng.requests[bad].detok.add = boom
+    errors = []
+    while eng.has_work():
+        outs = eng.step()
+        errors += [o for o in outs if o.finish_reason == "error"]
+    assert [o.request_id for o in errors] == [bad] and "detokenizer exploded" in errors[0].error
+    assert eng.result(good).token_ids == alone[0].token_ids
+    assert eng.result(other).token_ids == alone[1].token_ids
+    assert eng.n_active == 0
+    (again,) = eng.generate([PROMPTS[0]], params)
+    assert again.token_ids == alone[0].token_ids

@@ -64,7 +64,7 @@ def test_adore_serve_tp2_two_replicas_match_engine_and_stop_cleanly():
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                if httpx.get(base + "/v1/models", timeout=5).status_code == 200:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:  # every replica running
                     break
             except httpx.HTTPError:
                 pass

@@ -10,8 +10,8 @@
 Nothing here knows about HTTP (that is cluster/); `adore` never imports this package.
 """
 
-from .driver import AsyncDriver, Overloaded
+from .driver import AsyncDriver, EngineFailed, Overloaded
 from .group import ShardGroup
 from .spec import EngineSpec
 
-__all__ = ["AsyncDriver", "EngineSpec", "Overloaded", "ShardGroup"]
+__all__ = ["AsyncDriver", "EngineFailed", "EngineSpec", "Overloaded", "ShardGroup"]

@@ -35,12 +35,18 @@ class Overloaded(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class EngineFailed(RuntimeError):
+    """The shard group is gone (a rank died, or the ranks diverged): this replica serves no more
+    requests and must be replaced (HTTP 503 with Retry-After while that happens)."""
+
+
 _DONE = object()
 
 
 class AsyncDriver:
-    def __init__(self, group: ShardGroup, *, max_queue: int = 64) -> None:
+    def __init__(self, group: ShardGroup, *, max_queue: int = 64, on_failure=None) -> None:
         self.group, self.max_batch, self.max_queue = group, group.spec.max_batch, max_queue
+        self.on_failure = on_failure  # called once, with the exception, when the shard group is lost
         self._pending: list[tuple] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
@@ -52,6 +58,9 @@ class AsyncDriver:
         self.peak_active = 0
         self.stats: dict = {}
         self.step_s = 0.0  # moving average of the step time
+        self._stepping = False
+        self.request_s = 0.0  # moving average of a request's time in a row (first token -> last)
+        self._first_at: dict[str, float] = {}
 
     # -- load ----------------------------------------------------------------------------------
     @property
@@ -64,11 +73,15 @@ class AsyncDriver:
         return max(0, self.live - self.max_batch)
 
     def retry_after_s(self) -> float:
+        """When a request arriving now could expect a row: the queue ahead of it drains max_batch
+        requests per mean request duration (until one has finished: one row per step)."""
+        if self.request_s > 0:
+            return max(1.0, (self.waiting + 1) / self.max_batch * self.request_s)
         return max(1.0, self.waiting * max(self.step_s, 0.01))
 
     def snapshot(self) -> dict:
         return {"running": min(self.live, self.max_batch), "waiting": self.waiting, "live": self.live,
-                "peak_running": self.peak_active, "step_s": round(self.step_s, 5),
+                "healthy": self.healthy, "peak_running": self.peak_active, "step_s": round(self.step_s, 5),
                 "released": self.stats.get("released", 0), "rebuilt": self.stats.get("rebuilt", 0),
                 "steps": self.stats.get("steps", 0), "decode_tokens": self.stats.get("decode_tokens", 0),
                 "prefill_tokens": self.stats.get("prefill_tokens", 0)}
@@ -77,11 +90,16 @@ class AsyncDriver:
     def healthy(self) -> bool:
         return self._failed is None
 
+    @property
+    def idle(self) -> bool:
+        """No step in flight and nothing to do (a dead rank would go unnoticed until the next step)."""
+        return not self._pending and not self.engine_busy and not self._stepping
+
     # -- requests ------------------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request for the next step. Must be called from the driver's event loop."""
         if self._failed is not None:
-            raise RuntimeError(f"engine loop failed: {self._failed!r}")
+            raise EngineFailed(f"engine loop failed: {self._failed!r}")
         if self.waiting >= self.max_queue and self.live >= self.max_batch:
             raise Overloaded(self.waiting, self.retry_after_s())
         if params.temperature > 0 and params.seed is None:
@@ -96,6 +114,7 @@ class AsyncDriver:
 
     def abort(self, rid: str) -> None:
         """Drop a request (client gone): its engine row is freed at the next step."""
+        self._first_at.pop(rid, None)
         if self._queues.pop(rid, None) is not None:
             self._pending.append(("abort", rid))
             if self._wake is not None:
@@ -114,7 +133,7 @@ class AsyncDriver:
                 while not q.empty():  # coalesce what piled up while the consumer was busy
                     batch.append(q.get_nowait())
                 if any(b is _DONE for b in batch):
-                    raise RuntimeError(f"engine loop failed: {self._failed!r}")
+                    raise EngineFailed(f"engine loop failed: {self._failed!r}")
                 for b in batch:
                     if isinstance(b, Exception):
                         raise b
@@ -139,7 +158,11 @@ class AsyncDriver:
                     await self._wake.wait()
                 cmds, self._pending = self._pending, []
                 t0 = time.perf_counter()
-                res = await self.group.step(cmds)
+                self._stepping = True
+                try:
+                    res = await self.group.step(cmds)
+                finally:
+                    self._stepping = False
                 self._dispatch(res, time.perf_counter() - t0)
                 await asyncio.sleep(0)  # let handlers enqueue between steps
         except Exception as e:  # a rank died or diverged: fail every live request
@@ -147,6 +170,8 @@ class AsyncDriver:
             self._failed = e
             for q in self._queues.values():
                 q.put_nowait(_DONE)
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     def _dispatch(self, res, dt: float) -> None:
         self.engine_busy = res.n_active > 0 or res.n_waiting > 0
@@ -159,7 +184,14 @@ class AsyncDriver:
             q = self._queues.get(rid)
             if q is not None:
                 q.put_nowait(UserError(msg))
+        now = time.monotonic()
         for o in res.outputs:
+            t = self._first_at.setdefault(o.request_id, now)
+            if o.finished:
+                del self._first_at[o.request_id]
+                if o.finish_reason in ("stop", "length"):
+                    d = now - t
+                    self.request_s = d if self.request_s == 0 else 0.9 * self.request_s + 0.1 * d
             q = self._queues.get(o.request_id)
             if q is not None:  # None: aborted meanwhile
                 q.put_nowait(o)

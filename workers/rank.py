@@ -14,6 +14,7 @@ StepResult. The class is plain Python; ShardGroup wraps it with ray.remote.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -76,7 +77,7 @@ class RankWorker:
             model, tok = spec.load_model(device)
         self.tok = tok
         self.engine = Engine(model, tok, policy, max_batch=spec.max_batch, max_seq_len=spec.max_seq_len)
-        return {"rank": self.rank, "world": self.world, "device": str(self.engine.device),
+        return {"rank": self.rank, "world": self.world, "pid": os.getpid(), "device": str(self.engine.device),
                 "kv_heads_local": self.engine.cache.k.shape[2], "load_s": round(time.perf_counter() - t0, 2),
                 "vocab_size": self.engine.vocab_size}
 

@@ -122,10 +122,37 @@ class Controller(nn.Module):
         return self.query(h)
 
     def score(self, q: torch.Tensor, feats: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """q [B, S], feats [B, N, S+1] (stored token features), dist [B, N] (t - i) -> scores [B, N]."""
+        """score(i, t) = <q_t, k_i> / sqrt(S) + b_i + f(t - i): the one formula that serving (one
+        query per sequence, adore/policies/adore.py) and training (many query rows per sequence,
+        adore/train/controller.pair_scores) both call.
+
+        Parameters
+        ----------
+        q : [B, R, S] queries of R rows per sequence, or [B, S] (one row per sequence: decode)
+        feats : [B, N, S+1] stored token features (key, prior), see `token_features`
+        dist : t - i, broadcastable to [B, R, N] ([R, N] when every sequence shares its rows),
+            or [B, N] with a [B, S] q
+
+        Returns
+        -------
+        [B, R, N] scores, or [B, N] for a [B, S] q. Nothing is masked: rows decide what t - i < 0 means.
+        """
+        one_row = q.dim() == 2
+        if one_row:
+            q, dist = q[:, None], dist[:, None]
         k, prior = feats[..., :-1], feats[..., -1]
-        s = torch.einsum("bs,bns->bn", q, k) / math.sqrt(k.shape[-1])
-        return s + prior + self.dist(distance_features(dist)).squeeze(-1)
+        s = torch.einsum("brs,bns->brn", q, k) / math.sqrt(k.shape[-1]) + prior[:, None]
+        s = s + self.dist(distance_features(dist)).squeeze(-1)
+        return s[:, 0] if one_row else s
+
+    def pair_scores(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Scores of query rows against every token of whole sequences, by `score` (training, metrics).
+
+        h [B, T, H] states from `run_batch`, rows [R] query positions -> [B, R, T], -inf after each
+        row's position (token i > t is not in t's past)."""
+        dist = rows[:, None] - torch.arange(h.shape[1], device=h.device)[None, :]  # [R, T], shared by the batch
+        s = self.score(self.query_features(h[:, rows]), self.token_features(h), dist)
+        return s.masked_fill((dist < 0)[None], float("-inf"))
 
     # -- checkpoints: safetensors weights, config in the metadata --------------------------------
     def save(self, path: str, extra: dict | None = None) -> None:

@@ -9,7 +9,7 @@ prompts (Northanger Abbey, 128 tokens + 256 greedy), the same prompts as bench/q
   policy; the share of steps where the policy's argmax is full's token, and the mean step of the
   first miss;
 - free-running: each policy's own greedy continuation, BLEU against full's (texts kept, so ROUGE-L
-  and BERTScore are scored afterwards on the CPU by bench/quality.py's scorers).
+  and BERTScore are scored afterwards on the CPU by adore/evaluation.py, bench/quality.py's scorers).
 
 Evaluation runs in fp32 without TF32 (so that top-K is the only difference from dense); training
 allows TF32. Work (adapters, results) goes to --work and is resumed: a second call trains and scores
@@ -32,16 +32,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/quality.py's scorers
 
 from adore.config import AdoreConfig, SamplingParams  # noqa: E402
 from adore.engine import Engine  # noqa: E402
+from adore.evaluation import corpus_bleu, fidelity_summary, paired_bootstrap, spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
 from adore.train.cli import interleaved_segments  # noqa: E402
 from adore.train.finetune import FinetuneConfig, apply_adapter, finetune  # noqa: E402
 from adore.train.labels import segments, self_generated  # noqa: E402
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {"data": "self", "steps": 600, "batch": 8, "lr": 5e-4, "r": 8, "hard": 0.0, "seed": 0}
 
 
@@ -58,10 +59,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def held_out_prompts(tok, path: str, n: int, span: int) -> list[list[int]]:
     """The prompts of bench/quality.py (prompts_from): n spans spread evenly over the text."""
-    from quality import spread_spans
-
     with open(path, encoding="utf-8") as f:
-        return spread_spans(tok.encode(f.read(), add_special_tokens=False), n, span, path)
+        return spread_spans(tok.encode(f.read(), add_special_tokens=False), n, span, name=path)
 
 
 def evaluate(model, tok, spec: str, prompts, ref_ids, max_new: int) -> dict:
@@ -92,19 +91,11 @@ def evaluate(model, tok, spec: str, prompts, ref_ids, max_new: int) -> dict:
             "token_ids": [o.token_ids for o in outs], "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def bleu(texts: list[str], refs: list[str]) -> float:
-    import sacrebleu
-
-    return round(sacrebleu.corpus_bleu(texts, [refs]).score, 2)
-
-
 def summarize(path: str, command: str) -> None:
-    """On the CPU: score a run's results.json (from --out) with bench/quality.py's scorers (BLEU,
+    """On the CPU: score a run's results.json (from --out) with adore/evaluation.py (BLEU,
     ROUGE-L, BERTScore, paired bootstrap against plain adore), write bench/results/distill_gpu.json
     (figures) and distill_gpu_generations.json.gz (texts, to rescore), print a table."""
     import gzip
-
-    import quality
 
     res = json.load(open(path))
     ref = res["full"]["texts"]
@@ -112,18 +103,18 @@ def summarize(path: str, command: str) -> None:
     for key, r in res.items():
         if not isinstance(r, dict) or "texts" not in r or key == "full":
             continue
-        sc = quality.score_all(r["texts"], ref)
+        sc = fidelity_summary(r["texts"], ref)
         gens[key] = r["texts"]
         row = {k: v for k, v in r.items() if k not in ("texts", "token_ids")}
         row.update({k: sc[k] for k in ("bleu", "rougeL", "bertscore_f1", "exact_match")}, per_prompt=sc["per_prompt"])
         out[key] = row
     for key, row in out.items():
         if key.startswith("adore+"):
-            row["minus_adore"] = quality.paired_bootstrap(row["per_prompt"], out["adore"]["per_prompt"])
-    dst = os.path.join(quality.RESULTS, "distill_gpu.json")
+            row["minus_adore"] = paired_bootstrap(row["per_prompt"], out["adore"]["per_prompt"])
+    dst = os.path.join(RESULTS, "distill_gpu.json")
     json.dump({k: ({x: y for x, y in v.items() if x != "per_prompt"} if isinstance(v, dict) else v)
                for k, v in out.items()}, open(dst, "w"), indent=1)
-    with gzip.open(os.path.join(quality.RESULTS, "distill_gpu_generations.json.gz"), "wt") as f:
+    with gzip.open(os.path.join(RESULTS, "distill_gpu_generations.json.gz"), "wt") as f:
         json.dump(gens, f)
     print(f"{'policy':22s} {'top1':>7s} {'top1 all':>8s} {'1st miss':>8s} {'BLEU':>6s} {'ROUGE-L':>7s} {'BERT':>6s}")
     for key, r in out.items():
@@ -176,7 +167,7 @@ def main() -> None:
     for spec in ("adore", "adore:top_k=none", "sink", "h2o"):
         if spec not in results or spec == "adore" and "top1_all" not in results[spec]:
             r = evaluate(model, tok, spec, prompts, ref["token_ids"], args.max_new)
-            r["bleu"] = bleu(r["texts"], ref["texts"])
+            r["bleu"] = round(corpus_bleu(r["texts"], ref["texts"]), 2)
             results[spec] = r
             save()
             print(f"{spec:24s} top1 {r['top1']:.3f} all {r['top1_all']:.3f} first_miss {r['first_miss_all']} "
@@ -214,7 +205,7 @@ def main() -> None:
         del base
         merged = apply_adapter(load_model("smollm2-135m", device=args.device)[0], adir)
         r = evaluate(merged, tok, "adore", prompts, ref["token_ids"], args.max_new)
-        r.update(bleu=bleu(r["texts"], ref["texts"]), variant=v, train_seconds=rep["seconds"],
+        r.update(bleu=round(corpus_bleu(r["texts"], ref["texts"]), 2), variant=v, train_seconds=rep["seconds"],
                  loss_first=rep["loss_first"], loss_last10=rep["loss_last10"], train_seqs=len(seqs))
         results[key] = r
         save()

@@ -43,12 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import free_port, one_stream, replica_counters, summary  # noqa: E402
+from adore.loadgen import free_port, run_clients  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GiB = 1 << 30
@@ -151,31 +148,6 @@ def check_tp_tokens(a) -> dict:
     return {"equal": same, "dtype": a.check_dtype, "policy": "adore", "prompts": a.check_prompts,
             "tokens": a.check_tokens, "first_difference": first_diff, "tp1_tokens_head": out[1][0][:16],
             "tp2_tokens_head": out[2][0][:16]}
-
-
-async def run_clients(base: str, model: str, ps: list, max_tokens: int) -> tuple[dict, list[str]]:
-    before = replica_counters(base, model)
-    limits = httpx.Limits(max_connections=len(ps) + 4, max_keepalive_connections=len(ps) + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as c:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(c, model, p, max_tokens) for p in ps))
-        wall = time.perf_counter() - t0
-    after = replica_counters(base, model)
-    ok = [r for r in res if r["status"] == 200]
-    tokens = sum(r["tokens"] for r in ok)
-    steps = after["steps"] - before["steps"]
-    stats = {
-        "clients": len(ps), "ok": len(ok), "failed": [r for r in res if r["status"] != 200][:3],
-        "generated_tokens": tokens, "wall_s": round(wall, 3),
-        "throughput_tok_s": round(tokens / wall, 2) if wall else None,
-        "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
-        "itl_s": summary([r["itl"] for r in ok if r["itl"] is not None]),
-        "e2e_s": summary([r["end"] - r["start"] for r in ok]),
-        "engine_steps": steps,
-        "mean_batch": round((after["rows"] - before["rows"]) / steps, 2) if steps else None,
-        "released": after["released"] - before["released"], "rebuilt": after["rebuilt"] - before["rebuilt"],
-    }
-    return stats, [r.get("text", "") for r in res]
 
 
 def wait_for_gpus(total: float, timeout_s: float = 120) -> None:

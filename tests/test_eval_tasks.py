@@ -52,7 +52,7 @@ def test_sources(tmp_path):
 
 
 def test_bertscore_with_the_packaged_encoder():
-    from jobs.tasks.bertscore import BertScorer
+    from adore.evaluation import BertScorer
 
     s = BertScorer()
     same, para, other, empty = s.f1(

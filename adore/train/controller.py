@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..controller import Controller, ControllerConfig, distance_features
+from ..controller import Controller, ControllerConfig
 from .labels import dense_labels
 from .metrics import evaluate
 
@@ -44,19 +44,6 @@ class TrainConfig:
     rebuild: int = 8  # R for the simulated ADORE cache in the metrics
 
 
-def pair_scores(ctrl: Controller, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Controller scores of query rows against all tokens: h [B, T, H], rows [R] -> [B, R, T]
-    (entries after a row's position are -inf)."""
-    T = h.shape[1]
-    feats = ctrl.token_features(h)  # [B, T, S+1]
-    k, prior = feats[..., :-1], feats[..., -1]
-    q = ctrl.query_features(h[:, rows])  # [B, R, S]
-    s = torch.einsum("brs,bts->brt", q, k) / k.shape[-1] ** 0.5 + prior[:, None, :]
-    dist = rows[:, None] - torch.arange(T, device=h.device)[None, :]
-    s = s + ctrl.dist(distance_features(dist)).squeeze(-1)[None]
-    return s.masked_fill((dist < 0)[None], float("-inf"))
-
-
 def class_weight(T: int, top_k: int) -> float:
     """neg / pos over all (t, i <= t) pairs of a T-token sequence with top_k positives per row."""
     t = torch.arange(T, dtype=torch.float64)
@@ -69,7 +56,7 @@ def batch_loss(ctrl, emb, idx, val, rows, top_k: int, pos_weight: float, listwis
     B, T, _ = emb.shape
     pos = torch.arange(T)[None].expand(B, T)
     h = ctrl.run_batch(emb, pos)
-    s = pair_scores(ctrl, h, rows)  # [B, R, T]
+    s = ctrl.pair_scores(h, rows)  # [B, R, T]
     valid = torch.isfinite(s)
     y = dense_labels(idx[:, rows], top_k, T).float()
     w = torch.where(y > 0, pos_weight, 1.0) * valid

@@ -21,11 +21,9 @@ from ..controller import Controller
 @torch.no_grad()
 def score_matrix(ctrl: Controller, emb: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """All scores of one sequence: emb [T, E] -> [T, T] (row t = query t; -inf after t)."""
-    from .controller import pair_scores
-
     T = emb.shape[0]
     h = ctrl.run_batch(emb[None], torch.arange(T)[None])
-    return torch.cat([pair_scores(ctrl, h, torch.arange(a, min(T, a + chunk)))[0]
+    return torch.cat([ctrl.pair_scores(h, torch.arange(a, min(T, a + chunk)))[0]
                       for a in range(0, T, chunk)])
 
 

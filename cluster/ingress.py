@@ -13,7 +13,7 @@ numbers out of bounds -> 400 / 404); prompt length checks need the tokenizer and
 replica, which answers with an error event before any token, so a streaming request still gets a
 proper status code. A replica that is full answers 503 + Retry-After; so does Serve's router when its
 own queue is full, and so does this ingress when a model has no running replica (checked every
-NO_REPLICA_CHECK_S while a request waits to be assigned), instead of letting the request wait.
+NO_REPLICA_CHECK_S while a request waits to be assigned; two misses in a row), instead of a wait.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations of
@@ -43,6 +43,7 @@ app = FastAPI(title="ADORE", docs_url=None, redoc_url=None)
 log = logging.getLogger("ray.serve")
 MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; json.loads itself fails near 1,000
 NO_REPLICA_CHECK_S = 1.0
+SERVING_STATES = ("RUNNING", "UPDATING", "PENDING_MIGRATION")  # Serve replica states that take requests
 
 
 @app.exception_handler(ApiError)
@@ -217,7 +218,7 @@ class Ingress:
         missing = {}
         for m in self.models:
             states = await asyncio.to_thread(_replica_states, m)
-            if states is not None and not states.get("RUNNING"):
+            if states is not None and not any(states.get(k) for k in SERVING_STATES):
                 missing[m] = _describe(states)
         if missing:
             return ApiError(503, "no running replica: " + "; ".join(f"{m} ({d})" for m, d in missing.items()),
@@ -302,6 +303,7 @@ class Ingress:
         router (every replica busy, or none running), check each NO_REPLICA_CHECK_S that the model
         still has a running replica: if not, 503 + Retry-After now instead of a wait with no end."""
         nxt = asyncio.ensure_future(stream.__anext__())
+        strikes = 0
         self.metrics.unassigned[model] = self.metrics.unassigned.get(model, 0) + 1
         try:
             while True:
@@ -313,7 +315,9 @@ class Ingress:
                         raise overloaded("server overloaded: too many queued requests; retry later",
                                          self.cfg.retry_after_s or 1.0) from None
                 state = await asyncio.to_thread(_replica_states, model)
-                if state is not None and not state.get("RUNNING"):
+                missing = state is not None and not any(state.get(k) for k in SERVING_STATES)
+                strikes = strikes + 1 if missing else 0
+                if strikes >= 2:  # twice in a row: not a replica caught between two states
                     nxt.cancel()
                     stream.cancel()
                     raise ApiError(503, f"the model {model!r} has no running replica right now "

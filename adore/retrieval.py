@@ -38,6 +38,7 @@ class Sample:
     prompt: str
     answers: list[str]  # every one must appear in the output (variable_track: the share that does)
     prompt_ids: list[int] = field(default_factory=list)
+    target: int = 0  # the length asked for
 
 
 def sentences(text: str) -> list[str]:
@@ -104,7 +105,7 @@ def make_sample(tok, hay: list[str], task: str, length: int, depth: float, rng: 
         body.insert(k, needle)
     prompt = head + " ".join(body) + "\n\n" + question
     ids = tok.encode(prompt, add_special_tokens=True)
-    return Sample(task, len(ids), depth, prompt, answers, ids)
+    return Sample(task, len(ids), depth, prompt, answers, ids, length)
 
 
 def make_samples(tok, text: str, tasks=TASKS, lengths=(256, 512, 1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0),

@@ -36,6 +36,8 @@ FIELDS: list[tuple[str, pa.DataType]] = [
     ("bleu", _F), ("rouge_l", _F), ("bertscore_f1", _F), ("token_agreement", _F),
     ("prefix_match_tokens", _F), ("n_prompts", _I), ("new_tokens", _I), ("sample_ref", _S),
     ("sample_out", _S),
+    # long-context retrieval (per task x length x depth in retrieval_json)
+    ("retrieval_acc", _F), ("retrieval_json", _S),
     # engine counters
     ("steps", _I), ("released", _I), ("rebuilt", _I), ("peak_cache_tokens", _I), ("peak_step_tokens", _I),
     # timing

@@ -11,7 +11,7 @@ import os
 import pyarrow as pa
 
 from .methods import by_model
-from .plots import quality_plot, step_time_plot, throughput_plot
+from .plots import quality_plot, retrieval_plot, step_time_plot, throughput_plot
 from .table import render
 
 
@@ -24,7 +24,8 @@ def write_report(table: pa.Table, out_dir: str, title: str | None = None) -> str
     for (model, dtype), mrows in by_model(ok).items():
         made = [("throughput against generation length", throughput_plot(mrows, model, out_dir)),
                 ("quality against cache budget", quality_plot(mrows, model, out_dir)),
-                ("time per step against context length", step_time_plot(mrows, model, out_dir))]
+                ("time per step against context length", step_time_plot(mrows, model, out_dir)),
+                ("retrieval accuracy by prompt length and needle depth", retrieval_plot(mrows, model, out_dir))]
         plots[(model, dtype)] = [(c, f) for c, f in made if f]
     names = sorted({r["job_name"] for r in rows if r["job_name"]})
     title = title or f"ADORE evaluation: {', '.join(names) or 'results'}"

@@ -102,3 +102,41 @@ def step_time_plot(rows: list[dict], model: str, out_dir: str) -> str | None:
     ax.set_title(f"{model}: step time, generation length {gl}, batch {b}")
     ax.grid(alpha=0.3)
     return _save(fig, out_dir, f"step_time-{slug(model)}.png", [ax])
+
+
+def retrieval_plot(rows: list[dict], model: str, out_dir: str) -> str | None:
+    """Retrieval accuracy heat maps: prompt length (x) by needle depth (y), one panel per method, one
+    row of panels per retrieval task; full attention first, as the reference."""
+    import json
+
+    have = [r for r in rows if r["task"] == "retrieval" and r.get("retrieval_json")]
+    if not have:
+        return None
+    recs = {method_key(r): json.loads(r["retrieval_json"]) for r in have}
+    keys = sort_keys(recs)
+    tasks = sorted({x["task"] for v in recs.values() for x in v})
+    lengths = sorted({x["length"] for v in recs.values() for x in v})
+    depths = sorted({x["depth"] for v in recs.values() for x in v})
+    fig, axes = plt.subplots(len(tasks), len(keys), figsize=(2.2 + 1.9 * len(keys), 0.6 + 1.9 * len(tasks)),
+                             squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, key in enumerate(keys):
+            grid = [[float("nan")] * len(lengths) for _ in depths]
+            for x in recs[key]:
+                if x["task"] == task:
+                    grid[depths.index(x["depth"])][lengths.index(x["length"])] = x["acc"]
+            ax = axes[i][j]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            if i == 0:
+                ax.set_title(label(key), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{task}\nneedle depth", fontsize=8)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("prompt tokens", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy")
+    fig.suptitle(f"{model}: retrieval accuracy", fontsize=10)
+    fig.savefig(os.path.join(out_dir, f"retrieval-{slug(model)}.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f"retrieval-{slug(model)}.png"

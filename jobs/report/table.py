@@ -41,6 +41,7 @@ def summary_table(rows: list[dict]) -> str:
         full_tp = next((r["tokens_per_s"] for r in rows if r["task"] == "throughput" and r["policy"] == "full"
                         and (r["gen_len"], r["batch"]) == head), None)
     out = []
+    with_retrieval = any(r["task"] == "retrieval" for r in rows)
     for key in sort_keys(method_key(r) for r in rows):
         ppl, fid = _first(rows, key, "ppl"), _first(rows, key, "fidelity")
         tp = _first(rows, key, "throughput", gen_len=head[0], batch=head[1]) if head else None
@@ -49,8 +50,14 @@ def summary_table(rows: list[dict]) -> str:
         out.append([label(key), _fmt(ppl and ppl["ppl"]), _fmt(fid and fid["bleu"], ".1f"),
                     _fmt(fid and fid["rouge_l"], ".3f"), _fmt(fid and fid["bertscore_f1"], ".3f"),
                     _fmt(tps, ".1f"), rel])
+        if with_retrieval:
+            ret = _first(rows, key, "retrieval")
+            out[-1].insert(5, _fmt(ret and ret["retrieval_acc"], ".2f"))
     tp_head = f"tok/s (len {head[0]}, batch {head[1]})" if head else "tok/s"
-    return _md(["method", "PPL ↓", "BLEU ↑", "ROUGE-L ↑", "BERTScore F1 ↑", tp_head, "vs full ↑"], out)
+    head_row = ["method", "PPL ↓", "BLEU ↑", "ROUGE-L ↑", "BERTScore F1 ↑", tp_head, "vs full ↑"]
+    if with_retrieval:
+        head_row.insert(5, "retrieval ↑")
+    return _md(head_row, out)
 
 
 def throughput_table(rows: list[dict]) -> str:

@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from . import fidelity, ppl, throughput
+from . import fidelity, ppl, retrieval, throughput
 
-TASKS = {"throughput": throughput.run, "ppl": ppl.run, "fidelity": fidelity.run}
+TASKS = {"throughput": throughput.run, "ppl": ppl.run, "fidelity": fidelity.run, "retrieval": retrieval.run}

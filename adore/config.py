@@ -47,6 +47,8 @@ class AdoreConfig:
                                  "beat the weakest cached one; damps churn between near-tied tokens")
     protect_recent: int = knob(0, "adore: the last N positions are never released (the controller "
                                "picks the rest)")
+    protect_sinks: int = knob(0, "adore: the first N positions are never released (attention sinks, "
+                              "which StreamingLLM keeps; the controller picks the rest)")
     sink_tokens: int = knob(4, "sink, adore-nocontroller: first tokens always kept (StreamingLLM)")
     stride: int = knob(16, "strided: spacing of the long-range tokens kept")
     recent_frac: float = knob(0.5, "h2o, strided: share of the budget reserved for the most recent tokens")
@@ -64,6 +66,10 @@ class AdoreConfig:
             raise UserError(f"promote margin must be >= 0, got {self.promote_margin}")
         if self.protect_recent < 0 or (self.cache_size is not None and self.protect_recent >= self.cache_size):
             raise UserError(f"protect_recent must be >= 0 and below the cache size, got {self.protect_recent}")
+        if self.protect_sinks < 0 or (self.cache_size is not None
+                                      and self.protect_sinks + self.protect_recent >= self.cache_size):
+            raise UserError(f"protect_sinks must be >= 0 and, with protect_recent, below the cache size, "
+                            f"got {self.protect_sinks}")
         if self.sink_tokens < 0 or self.stride < 1 or not 0.0 <= self.recent_frac <= 1.0:
             raise UserError("sink_tokens >= 0, stride >= 1 and 0 <= recent_frac <= 1 are required")
 

@@ -30,7 +30,7 @@ from .base import BIG, Policy, SlotView
 class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
-    knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent")
+    knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks")
     controller: Controller | None = field(default=None, repr=False)
 
     @property
@@ -62,6 +62,8 @@ class AdorePolicy(Policy):
             s = (-dist).double() + BIG * (pos[None, :] < self.cfg.sink_tokens)
         if self.cfg.protect_recent:
             s = s.double() + BIG * (dist < self.cfg.protect_recent)
+        if self.cfg.protect_sinks:
+            s = s.double() + BIG * (pos[None, :] < self.cfg.protect_sinks)
         return s.masked_fill(dist < 0, float("-inf"))
 
     @property

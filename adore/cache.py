@@ -23,18 +23,23 @@ class SlotCache:
                  max_positions: int, feat_dim: int = 0, ctrl_dim: int = 0,
                  dtype=torch.float32, device="cpu") -> None:
         self.capacity, self.batch, self.max_positions = capacity, batch, max_positions
-        shape = (layers, batch, kv_heads, capacity + 1, head_dim)
+        shape = (layers, batch, kv_heads, self.slots_allocated(capacity), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # per slot
-        self.pos = torch.full((batch, capacity + 1), -1, dtype=torch.long, device=device)
-        self.mass = torch.zeros(batch, capacity + 1, dtype=torch.float32, device=device)
+        self.pos = torch.full((batch, shape[3]), -1, dtype=torch.long, device=device)
+        self.mass = torch.zeros(batch, shape[3], dtype=torch.float32, device=device)
         # per absolute position
         self.tok_at = torch.zeros(batch, max_positions, dtype=torch.long, device=device)
         self.released = torch.zeros(batch, max_positions, dtype=torch.bool, device=device)
         self.feat_at = torch.zeros(batch, max_positions, feat_dim, device=device) if feat_dim else None
         # per sequence: the controller's recurrent state
         self.ctrl_h = torch.zeros(batch, ctrl_dim, device=device) if ctrl_dim else None
+
+    @staticmethod
+    def slots_allocated(capacity: int) -> int:
+        """KV slots one sequence's row holds: `capacity` (Policy.capacity) plus the trash slot."""
+        return capacity + 1
 
     @property
     def trash(self) -> int:

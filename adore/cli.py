@@ -17,9 +17,10 @@ import math
 import os
 import sys
 import time
+from dataclasses import fields
 from importlib.metadata import entry_points
 
-from .config import AdoreConfig, SamplingParams, UserError
+from .config import AdoreConfig, SamplingParams, UserError, knob_values, parse_field
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,13 +28,20 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _top_k(s: str) -> int | None:
-    if s.lower() in ("none", "0", "off"):
-        return None
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid top-k {s!r}: an integer or 'none'") from None
+def add_knob_args(g) -> None:
+    """One flag per AdoreConfig field (--cache-size, --top-k, ...): type, default, choices and help
+    come from the dataclass, so a new knob needs no change here."""
+    for f in fields(AdoreConfig):
+        def parse(s, f=f):
+            try:
+                return parse_field(f, s)
+            except (KeyError, TypeError, ValueError):
+                raise argparse.ArgumentTypeError(f"invalid {f.name.replace('_', '-')} {s!r}") from None
+
+        choices = f.metadata.get("choices")
+        g.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default, choices=choices,
+                       metavar="{" + ",".join(choices) + "}" if choices else None,
+                       help=f"{f.metadata['help']} (default {f.default})")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,14 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="smollm2-135m (default), random:<shape>, or a local HF checkpoint directory")
     g.add_argument("--policy", default="adore", help="full, window, strided, sink, h2o, adore, "
                    "adore-norebuild, adore-nocontroller")
-    g.add_argument("--cache-size", type=int, default=192, help="KV budget m per sequence (default 192)")
-    g.add_argument("--top-k", type=_top_k, default=96, help="keys per query row for adore (or 'none')")
-    g.add_argument("--rebuild", type=int, default=8, help="released tokens rebuilt per step, R (default 8)")
-    g.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
-    g.add_argument("--promote-margin", type=float, default=None,
-                   help="promote: a released token must beat the weakest cached one by this (logits)")
-    g.add_argument("--protect-recent", type=int, default=0,
-                   help="adore: never release the last N positions (default 0: the controller decides)")
+    add_knob_args(g)
     g.add_argument("--controller", default=None, help="controller checkpoint (.safetensors); default: "
                    "the one shipped for the model, else a fresh one")
     g.add_argument("--adapter", default=None, help="LoRA adapter directory from `adore finetune`")
@@ -61,22 +62,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_parts(args):
     """(model, tokenizer, policy) from parsed `add_model_args` options."""
-    from .controller import Controller
     from .models import load_model
     from .policies import make_policy
 
-    margin = {} if args.promote_margin is None else {"promote_margin": args.promote_margin}
-    cfg = AdoreConfig(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild,
-                      rebuild_mode=args.rebuild_mode, protect_recent=args.protect_recent, **margin)
-    controller = None
-    if args.controller:
-        if not os.path.isfile(args.controller):
-            raise UserError(f"controller file not found: {args.controller}")
-        try:
-            controller = Controller.load(args.controller)
-        except Exception as e:
-            raise UserError(f"cannot load controller {args.controller}: {e}") from None
-    policy = make_policy(args.policy, cfg, controller)  # validates the name before the slow load
+    # validates the name and the numbers before the slow load
+    policy = make_policy(args.policy, AdoreConfig(**knob_values(args)), args.controller)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if getattr(args, "adapter", None):
         from .train.finetune import apply_adapter

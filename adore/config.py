@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 
 # Temperatures below this decode greedily: dividing logits by a smaller number overflows float32
 # (1e-50 is 0 in float32, and x / 0 gives inf and NaN probabilities). vLLM draws the same line.
@@ -18,32 +18,40 @@ class UserError(ValueError):
     The CLI prints these as one line and exits with code 2; the server maps them to HTTP 400."""
 
 
+def knob(default, help: str, **meta):
+    """A field of AdoreConfig: its help text (and `choices`, `none_aliases`) travel in the metadata,
+    from which the CLI flags, the Serve args and the worker spec are derived (see `parse_field`)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class AdoreConfig:
-    """Budget and method parameters shared by every KV policy.
+    """Budget and method parameters shared by every KV policy: one field per knob.
 
-    cache_size:   m, KV entries kept per sequence between steps (None: unbounded, full attention)
-    top_k:        K, keys each query row keeps (per head) after scoring; None: all allowed keys
-    rebuild:      R, released tokens rebuilt per step at most (adore only)
-    rebuild_mode: "every" (the paper: the R best released tokens every step) or
-                  "promote" (only released tokens whose score beats the weakest cached one)
-    promote_margin: how far (in controller logits) a released token must beat the weakest cached one
-                  to be promoted; damps churn when the scores move a little from step to step
-    protect_recent: adore: the last N positions are never released (the controller picks the rest)
-    sink_tokens:  first tokens always kept by `sink` (StreamingLLM)
-    stride:       spacing of the long-range tokens kept by `strided`
-    recent_frac:  share of the budget reserved for the most recent tokens by `h2o` and `strided`
+    Each policy reads the knobs its class lists in `knobs` (adore/policies/). A new knob is a field
+    here (type, default, help) plus the policy that reads it: `adore` CLI flags, Serve args, the worker
+    spec (workers/spec.py), job grid `policy_options` and bench/quality.py specs all come from
+    `dataclasses.fields(AdoreConfig)`.
     """
 
-    cache_size: int | None = 192
-    top_k: int | None = 96
-    rebuild: int = 8
-    rebuild_mode: str = "promote"
-    promote_margin: float = 0.25  # bench/results/promote_margin.json: 4.6 -> 0.6 rebuilds a step, same ppl
-    protect_recent: int = 0
-    sink_tokens: int = 4
-    stride: int = 16
-    recent_frac: float = 0.5
+    cache_size: int | None = knob(192, "KV budget m: entries kept per sequence between steps "
+                                  "(none: unbounded, full attention)")
+    top_k: int | None = knob(96, "adore: keys each query row keeps per head after scoring (none or 0: all)",
+                             none_aliases=(0,))
+    rebuild: int = knob(8, "adore: released tokens rebuilt per step at most, R")
+    rebuild_mode: str = knob("promote", "adore: 'every' (the R best released tokens every step, the "
+                             "paper) or 'promote' (only released tokens that beat the weakest cached one)",
+                             choices=("promote", "every"))
+    # bench/results/promote_margin.json: 4.6 -> 0.6 rebuilds a step, same ppl
+    promote_margin: float = knob(0.25, "adore promote: how far (controller logits) a released token must "
+                                 "beat the weakest cached one; damps churn between near-tied tokens")
+    protect_recent: int = knob(0, "adore: the last N positions are never released (the controller "
+                               "picks the rest)")
+    protect_sinks: int = knob(0, "adore: the first N positions are never released (attention sinks, "
+                              "which StreamingLLM keeps; the controller picks the rest)")
+    sink_tokens: int = knob(4, "sink, adore-nocontroller: first tokens always kept (StreamingLLM)")
+    stride: int = knob(16, "strided: spacing of the long-range tokens kept")
+    recent_frac: float = knob(0.5, "h2o, strided: share of the budget reserved for the most recent tokens")
 
     def __post_init__(self) -> None:
         if self.cache_size is not None and self.cache_size < 1:
@@ -58,8 +66,65 @@ class AdoreConfig:
             raise UserError(f"promote margin must be >= 0, got {self.promote_margin}")
         if self.protect_recent < 0 or (self.cache_size is not None and self.protect_recent >= self.cache_size):
             raise UserError(f"protect_recent must be >= 0 and below the cache size, got {self.protect_recent}")
+        if self.protect_sinks < 0 or (self.cache_size is not None
+                                      and self.protect_sinks + self.protect_recent >= self.cache_size):
+            raise UserError(f"protect_sinks must be >= 0 and, with protect_recent, below the cache size, "
+                            f"got {self.protect_sinks}")
         if self.sink_tokens < 0 or self.stride < 1 or not 0.0 <= self.recent_frac <= 1.0:
             raise UserError("sink_tokens >= 0, stride >= 1 and 0 <= recent_frac <= 1 are required")
+
+    def adore_config(self) -> AdoreConfig:
+        """The knobs alone, as a plain AdoreConfig (for the classes that extend this one with settings
+        of their own: workers.spec.EngineSpec, cluster.config.ServeArgs)."""
+        return AdoreConfig(**knob_values(self))
+
+
+def knob_names() -> list[str]:
+    return [f.name for f in fields(AdoreConfig)]
+
+
+def knob_values(obj) -> dict:
+    """{knob: value} read from any object that has the knobs as attributes (an argparse namespace,
+    an EngineSpec, ServeArgs)."""
+    return {k: getattr(obj, k) for k in knob_names()}
+
+
+_NONE_WORDS = ("none", "null", "off", "")
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def parse_field(f: Field, value):
+    """A value for dataclass field f from a string or a loosely typed one (YAML, argparse, `k=v`
+    specs), by the field's annotation: "int", "float", "str", "bool" or "<one of them> | None".
+    Optional fields take none/null/off/"" (and the field's `none_aliases`) as None.
+    Raises ValueError/TypeError on a value that is not of the type."""
+    kind, optional = (f.type if isinstance(f.type, str) else f.type.__name__), False
+    if kind.endswith(" | None"):
+        kind, optional = kind[: -len(" | None")], True
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return None
+    if kind == "bool":
+        if isinstance(value, str):
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+        return bool(value)
+    if kind not in _TYPES:
+        raise TypeError(f"{f.name}: no parser for type {kind!r}")
+    out = _TYPES[kind](value)
+    if optional and out in f.metadata.get("none_aliases", ()):
+        return None
+    return out
+
+
+def parse_knob(name: str, value):
+    """A knob's value from a string or loosely typed value; UserError names the knob."""
+    f = {f.name: f for f in fields(AdoreConfig)}.get(name)
+    if f is None:
+        raise UserError(f"unknown method option {name!r}; known: {', '.join(knob_names())}")
+    try:
+        return parse_field(f, value)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"bad value for {name}: {value!r}") from None
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .attention import decoder_parts, forward_prompt, forward_slots
 from .cache import SlotCache
 from .config import SamplingParams, UserError
 from .controller import Controller, ControllerConfig
-from .policies import Policy, SlotView
+from .policies import Policy, SlotView, select_keep
 from .policies.adore import AdorePolicy
 from .sampling import Detokenizer, make_generator, pick_token
 
@@ -415,14 +415,6 @@ class Engine:
         """Forget finished requests (servers call this after reading their results)."""
         for rid in [r for r, q in self.requests.items() if q.finish_reason is not None]:
             del self.requests[rid]
-
-
-def select_keep(policy: Policy, view: SlotView, valid: torch.Tensor) -> torch.Tensor:
-    """[n, C] bool: the occupied slots to keep, the `budget` best by the policy's scores
-    (all of them when a row holds no more than the budget)."""
-    s = policy.keep_scores(view).masked_fill(~valid, float("-inf"))
-    k = min(policy.budget, s.shape[1])
-    return torch.zeros_like(valid).scatter_(1, s.topk(k, dim=1).indices, True) & valid
 
 
 def default_controller(model) -> Controller:

@@ -71,10 +71,14 @@ def weight_bytes(s: dict, dtype_bytes: int) -> int:
 
 
 def slots_per_seq(policy: str, a) -> int:
-    """KV slots the engine keeps per sequence (+1 trash slot), as adore/cache.py allocates them."""
-    if policy == "full":
-        return a.prompt_tokens + a.tokens + 8 + 1  # max_seq_len of run_layout + the trash slot
-    return a.cache_size + (a.rebuild if policy == "adore" else 0) + 1
+    """KV slots the engine allocates per sequence: the policy's capacity plus SlotCache's trash slot."""
+    from adore.cache import SlotCache
+    from adore.config import AdoreConfig
+    from adore.policies import make_policy
+
+    cfg = AdoreConfig(cache_size=a.cache_size, top_k=a.top_k, rebuild=a.rebuild, rebuild_mode=a.rebuild_mode)
+    max_seq_len = a.prompt_tokens + a.tokens + 8  # run_layout's
+    return SlotCache.slots_allocated(make_policy(policy, cfg).capacity(max_seq_len))
 
 
 def fit_batch(policy: str, a, gpu_bytes: int) -> tuple[int, int]:

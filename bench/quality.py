@@ -5,8 +5,8 @@
     python bench/quality.py --tasks ppl --policies adore:rebuild=0,adore:rebuild=4,adore-nocontroller
     python bench/quality.py --tasks report          (only rebuild bench/results/quality.md)
 
-A policy spec is a policy name plus `:key=value` overrides of its AdoreConfig (top_k, rebuild,
-rebuild_mode, promote_margin, cache_size) or `controller=PATH` / `adapter=DIR`; e.g. `adore:top_k=none`,
+A policy spec is a policy name plus `:key=value` overrides of any AdoreConfig field (top_k, rebuild,
+rebuild_mode, promote_margin, cache_size, ...) or `controller=PATH` / `adapter=DIR`; e.g. `adore:top_k=none`,
 `adore:rebuild=16:rebuild_mode=every`. Results are merged into bench/results/quality_<task>.json
 after every policy (runs can be split across invocations) and the markdown table
 bench/results/quality.md is rewritten from all of them, with the command lines that produced them.
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore.cli import perplexity  # noqa: E402
-from adore.config import AdoreConfig, SamplingParams  # noqa: E402
+from adore.config import AdoreConfig, SamplingParams, parse_knob  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.evaluation import fidelity_summary, paired_bootstrap, spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
@@ -46,21 +46,16 @@ _MODELS: dict = {}
 
 
 def parse_spec(spec: str, base: AdoreConfig) -> tuple[str, AdoreConfig, dict]:
-    """'adore:top_k=none:rebuild=4' -> (policy name, config, extras {controller, adapter})."""
+    """'adore:top_k=none:rebuild=4' -> (policy name, config, extras {controller, adapter}).
+    Any AdoreConfig field may be set (parsed by its type, adore/config.py)."""
     name, *opts = spec.split(":")
     kw, extra = dict(base.__dict__), {}
     for o in opts:
         k, _, v = o.partition("=")
         if k in ("controller", "adapter"):
             extra[k] = v
-        elif k == "top_k":
-            kw[k] = None if v.lower() in ("none", "0") else int(v)
-        elif k in ("rebuild", "cache_size", "stride", "sink_tokens", "protect_recent"):
-            kw[k] = int(v)
-        elif k == "rebuild_mode":
-            kw[k] = v
-        elif k == "promote_margin":
-            kw[k] = float(v)
+        elif k in kw:
+            kw[k] = parse_knob(k, v)
         else:
             raise SystemExit(f"unknown option {k!r} in policy spec {spec!r}")
     return name, AdoreConfig(**kw), extra

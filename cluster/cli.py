@@ -43,18 +43,15 @@ def register(subparsers) -> None:
 
 def serve_args(a) -> dict:
     """argparse namespace -> build_app args (cluster/config.py)."""
+    from adore.config import knob_values
+
     out = {"model": a.model, "policies": a.policy, "tp": a.tp, "num_replicas": a.replicas,
            "max_batch": a.max_batch, "max_queue": a.max_queue,
            "max_ongoing_requests": a.max_ongoing_requests or a.max_batch + a.max_queue,
-           "cache_size": a.cache_size, "top_k": a.top_k, "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode,
-           "stream_interval_s": a.stream_interval,
+           **knob_values(a), "stream_interval_s": a.stream_interval,
            "controller": a.controller, "adapter": getattr(a, "adapter", None), "dtype": a.dtype,
            "device": a.device,
            "cpus_per_rank": a.cpus_per_rank, "threads": a.threads}
-    if a.promote_margin is not None:
-        out["promote_margin"] = a.promote_margin
-    if a.protect_recent:
-        out["protect_recent"] = a.protect_recent
     if a.max_seq_len:
         out["max_seq_len"] = a.max_seq_len
     return out

@@ -13,7 +13,8 @@ typo fails the deployment with a clear message instead of inside a replica.
     max_queue             requests allowed to wait for an engine row per replica; beyond: 503. Serve's
                           router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
     max_seq_len           prompt + generation tokens per sequence
-    cache_size, top_k, rebuild, rebuild_mode, promote_margin, protect_recent, controller   the method (AdoreConfig)
+    cache_size, top_k, rebuild, ... every AdoreConfig field: the method's knobs (see adore/config.py)
+    controller            controller checkpoint (.safetensors); default: the one shipped for the model
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
     dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
@@ -35,20 +36,16 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from adore.config import AdoreConfig, UserError
+from adore.config import AdoreConfig, UserError, knob_values, parse_field
 from workers.spec import EngineSpec
 
 API_TOKEN_ENV = "ADORE_API_TOKEN"
 
 
-def _opt_int(v) -> int | None:
-    if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null", "off", "")):
-        return None
-    return int(v)
-
-
 @dataclass
-class ServeArgs:
+class ServeArgs(AdoreConfig):
+    """Serving settings; the method's knobs are the AdoreConfig fields this class extends."""
+
     model: str = "smollm2-135m"
     policies: str = "adore"
     tp: int = 1
@@ -59,12 +56,6 @@ class ServeArgs:
     max_batch: int = 16
     max_queue: int = 64
     max_seq_len: int = 4096
-    cache_size: int | None = 192
-    top_k: int | None = 96
-    rebuild: int = 8
-    rebuild_mode: str = "promote"
-    promote_margin: float = AdoreConfig.promote_margin
-    protect_recent: int = AdoreConfig.protect_recent
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"
@@ -84,25 +75,11 @@ class ServeArgs:
         unknown = set(args) - known
         if unknown:
             raise UserError(f"unknown serve args: {sorted(unknown)}; known: {sorted(known)}")
-        ints = ("tp", "max_ongoing_requests", "max_batch", "max_queue", "max_seq_len", "rebuild",
-                "ingress_replicas", "protect_recent", "max_request_bytes")
-        opt_ints = ("num_replicas", "min_replicas", "max_replicas", "cache_size", "top_k", "threads")
-        try:
-            for k in ints:
-                if k in args:
-                    args[k] = int(args[k])
-            for k in opt_ints:
-                if k in args:
-                    args[k] = _opt_int(args[k])
-            for k in ("cpus_per_rank", "retry_after_s", "stream_interval_s", "promote_margin",
-                      "request_read_timeout_s"):
-                if args.get(k) is not None:
-                    args[k] = float(args[k])
-        except (TypeError, ValueError) as e:
+        by_name = {f.name: f for f in fields(cls)}
+        try:  # by each field's type ("int", "float | None", ...): one rule for every setting
+            args = {k: parse_field(by_name[k], v) for k, v in args.items()}
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"bad serve arg: {e}") from None
-        for k in ("model", "policies", "rebuild_mode", "dtype", "device"):
-            if k in args:
-                args[k] = str(args[k])
         out = cls(**args)
         out.check()
         return out
@@ -175,10 +152,7 @@ class ServeArgs:
         dtype = self.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        return EngineSpec(model=self.model, policy=policy, cache_size=self.cache_size, top_k=self.top_k,
-                          rebuild=self.rebuild, rebuild_mode=self.rebuild_mode,
-                          promote_margin=self.promote_margin, protect_recent=self.protect_recent,
-                          controller=self.controller,
+        return EngineSpec(model=self.model, policy=policy, **knob_values(self), controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
                           threads=self.threads)

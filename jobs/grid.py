@@ -22,9 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from adore.config import AdoreConfig, UserError
+from adore.config import AdoreConfig, UserError, knob_names, parse_knob
 from adore.policies import make_policy, policy_names
-from adore.policies.adore import AdorePolicy
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("models", "policies", "cache_sizes", "rebuilds", "rebuild_modes", "gen_lengths", "batch_sizes")
@@ -45,6 +44,7 @@ DEFAULTS: dict = {
     "rebuild_modes": ["promote"],
     "gen_lengths": [256],
     "batch_sizes": [1],
+    # any AdoreConfig knob but the axes; a cell records those its policy reads (Policy.knobs)
     "policy_options": {"sink_tokens": 4, "stride": 16, "recent_frac": 0.5},
     "data": "austen:northangerabbey",
     "tasks": {"throughput": {}, "ppl": {}, "fidelity": {}},
@@ -152,32 +152,31 @@ def validate(raw: dict) -> dict:
                                       if k in TASK_DEFAULTS[t] and k != "offset"])
         if not isinstance(params.get("offset", 0), int) or params.get("offset", 0) < 0:
             raise UserError(f"{t} offset must be an integer >= 0")
+    axes = ("cache_size", "top_k", "rebuild", "rebuild_mode")  # the grid's own axes and key
+    opts = cfg["policy_options"]
+    bad = set(opts) - set(knob_names()) | set(opts) & set(axes)
+    if bad:
+        raise UserError(f"unknown policy_options: {', '.join(sorted(bad))}; known: "
+                        f"{', '.join(k for k in knob_names() if k not in axes)}")
+    cfg["policy_options"] = {k: parse_knob(k, v) for k, v in opts.items()}
+    AdoreConfig(**cfg["policy_options"])  # checks the numbers
     if not cfg["models"] or not cfg["policies"]:
         raise UserError("models and policies must not be empty")
     return cfg
 
 
 def policy_axes(policy: str, cache_size: int, top_k, rebuild: int, mode: str, options: dict) -> dict:
-    """The policy's own view of the knobs: what does not apply becomes None (or 0 for R).
+    """The policy's own view of the knobs: what does not apply becomes None (or 0 for R), and
+    `policy_options` keeps only the options the policy reads (its class's `knobs`).
     A fractional top_k (0 < K < 1) is that share of the budget m."""
     if isinstance(top_k, float):
         top_k = max(1, round(top_k * cache_size))
     pol = make_policy(policy, AdoreConfig(cache_size=cache_size, top_k=top_k, rebuild=rebuild,
                                           rebuild_mode=mode, **options))
     d = pol.describe()
-    adore_like = isinstance(pol, AdorePolicy)
-    used_options = {}
-    if policy == "sink":
-        used_options = {"sink_tokens": options["sink_tokens"]}
-    elif policy == "strided":
-        used_options = {"stride": options["stride"], "recent_frac": options["recent_frac"]}
-    elif policy == "h2o":
-        used_options = {"recent_frac": options["recent_frac"]}
-    elif policy == "adore-nocontroller":
-        used_options = {"sink_tokens": options["sink_tokens"]}
     return {"policy": policy, "cache_size": d["cache_size"], "top_k": d["top_k"], "rebuild": d["rebuild"],
-            "rebuild_mode": mode if adore_like and d["rebuild"] > 0 else None,
-            "policy_options": used_options}
+            "rebuild_mode": mode if "rebuild_mode" in pol.knobs and d["rebuild"] > 0 else None,
+            "policy_options": {k: v for k, v in options.items() if k in pol.knobs}}
 
 
 def expand(cfg: dict, data_sha: dict[str, str] | None = None) -> list[dict]:

@@ -13,15 +13,12 @@ from adore.config import AdoreConfig, UserError
 
 
 @dataclass
-class EngineSpec:
+class EngineSpec(AdoreConfig):
+    """The method's knobs are the AdoreConfig fields this class extends (cache_size, top_k, ...):
+    a new knob needs no change here."""
+
     model: str = "smollm2-135m"
     policy: str = "adore"
-    cache_size: int | None = 192
-    top_k: int | None = 96
-    rebuild: int = 8
-    rebuild_mode: str = "promote"
-    promote_margin: float = AdoreConfig.promote_margin
-    protect_recent: int = AdoreConfig.protect_recent  # adore: the last N positions are never released
     controller: str | None = None  # controller checkpoint (.safetensors); None: the shipped default
     adapter: str | None = None  # LoRA adapter directory (`adore finetune`), merged before sharding
     dtype: str = "float32"
@@ -37,16 +34,11 @@ class EngineSpec:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"device must be cpu or cuda, got {self.device!r}")
-        self.adore_config()  # validate the method's numbers early, in the caller's process
+        super().__post_init__()  # the method's numbers, checked early, in the caller's process
 
     @property
     def uses_gpu(self) -> bool:
         return self.device.startswith("cuda")
-
-    def adore_config(self) -> AdoreConfig:
-        return AdoreConfig(cache_size=self.cache_size, top_k=self.top_k, rebuild=self.rebuild,
-                           rebuild_mode=self.rebuild_mode, promote_margin=self.promote_margin,
-                           protect_recent=self.protect_recent)
 
     def replace(self, **kw) -> EngineSpec:
         return EngineSpec(**{**asdict(self), **kw})
@@ -66,12 +58,6 @@ class EngineSpec:
 
     def make_policy(self):
         """The policy object (loads the controller checkpoint if one was given)."""
-        from adore.controller import Controller
         from adore.policies import make_policy
 
-        controller = None
-        if self.controller:
-            if not os.path.isfile(self.controller):
-                raise UserError(f"controller file not found: {self.controller}")
-            controller = Controller.load(self.controller)
-        return make_policy(self.policy, self.adore_config(), controller)
+        return make_policy(self.policy, self, self.controller or None)

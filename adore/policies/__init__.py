@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import AdoreConfig, UserError
 from .adore import AdoreNoControllerPolicy, AdoreNoRebuildPolicy, AdorePolicy
-from .base import Policy, SlotView
+from .base import Policy, SlotView, select_keep
 from .full import FullPolicy
 from .h2o import H2OPolicy
 from .sink import SinkPolicy
@@ -21,11 +21,15 @@ def policy_names() -> list[str]:
 
 
 def make_policy(name: str, cfg: AdoreConfig | None = None, controller=None) -> Policy:
-    """Build a policy by name. ADORE policies take a Controller (None: the engine supplies the
-    default one for the model, see Engine)."""
+    """Build a policy by name. ADORE policies take a Controller, or the path of a controller
+    checkpoint (.safetensors) to load (None: the engine supplies the default one for the model, see
+    Engine). cfg may be any AdoreConfig, also one extended with other settings (EngineSpec,
+    ServeArgs): the policy keeps only the knobs."""
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    cfg = cfg or AdoreConfig()
+    cfg = cfg.adore_config() if cfg is not None else AdoreConfig()
+    if isinstance(controller, str):
+        controller = _load_controller(controller)
     cls = POLICIES[name]
     if cls.bounded and cfg.cache_size is None:
         raise UserError(f"policy {name!r} needs a cache size")
@@ -34,4 +38,17 @@ def make_policy(name: str, cfg: AdoreConfig | None = None, controller=None) -> P
     return cls(cfg)
 
 
-__all__ = ["Policy", "SlotView", "POLICIES", "make_policy", "policy_names"]
+def _load_controller(path: str):
+    import os
+
+    from ..controller import Controller
+
+    if not os.path.isfile(path):
+        raise UserError(f"controller file not found: {path}")
+    try:
+        return Controller.load(path)
+    except Exception as e:
+        raise UserError(f"cannot load controller {path}: {e}") from None
+
+
+__all__ = ["Policy", "SlotView", "select_keep", "POLICIES", "make_policy", "policy_names"]

@@ -30,6 +30,7 @@ from .base import BIG, Policy, SlotView
 class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
+    knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks")
     controller: Controller | None = field(default=None, repr=False)
 
     @property
@@ -47,15 +48,28 @@ class AdorePolicy(Policy):
         feat_at [n, P, S+1] stored controller features; query [n, S] the current tokens' queries."""
         n = cur_pos.shape[0]
         P = int(cur_pos.max()) + 1
-        pos = torch.arange(P, device=cur_pos.device)
-        dist = cur_pos[:, None] - pos[None, :]
-        if self.controller is not None:
-            s = self.controller.score(query, feat_at[:n, :P], dist)
-        else:  # the no-controller prior: sinks, then recency
+        dist = cur_pos[:, None] - torch.arange(P, device=cur_pos.device)[None, :]
+        raw = self.controller.score(query, feat_at[:n, :P], dist) if self.controller is not None else None
+        return self.rule_scores(raw, dist)
+
+    def rule_scores(self, raw: torch.Tensor | None, dist: torch.Tensor) -> torch.Tensor:
+        """The policy's rules over the controller's scores raw [n, P] (None: the no-controller
+        prior, sinks then recency); dist [n, P] = current position - position. [n, P], -inf ahead.
+        The engine and the training metrics' simulation (adore/train/metrics.py) both score this way."""
+        pos = torch.arange(dist.shape[1], device=dist.device)
+        s = raw
+        if s is None:
             s = (-dist).double() + BIG * (pos[None, :] < self.cfg.sink_tokens)
         if self.cfg.protect_recent:
             s = s.double() + BIG * (dist < self.cfg.protect_recent)
+        if self.cfg.protect_sinks:
+            s = s.double() + BIG * (pos[None, :] < self.cfg.protect_sinks)
         return s.masked_fill(dist < 0, float("-inf"))
+
+    @property
+    def static(self) -> bool:
+        # rebuilt tokens get new K/V; the no-controller prior never promotes a released token
+        return self.rebuild == 0 or (not self.uses_controller and self.cfg.rebuild_mode == "promote")
 
     def keep_scores(self, view: SlotView):
         return view.pos_scores.gather(1, view.pos.clamp(min=0))
@@ -93,3 +107,4 @@ class AdoreNoRebuildPolicy(AdorePolicy):
 class AdoreNoControllerPolicy(AdorePolicy):
     name = "adore-nocontroller"
     uses_controller = False
+    knobs = (*AdorePolicy.knobs, "sink_tokens")

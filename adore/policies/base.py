@@ -43,6 +43,8 @@ class Policy:
     bounded: ClassVar[bool] = True  # False: never releases (full attention)
     needs_mass: ClassVar[bool] = False
     uses_controller: ClassVar[bool] = False
+    # The AdoreConfig fields this policy reads besides cache_size (jobs/grid.py records these per cell).
+    knobs: ClassVar[tuple[str, ...]] = ()
 
     @property
     def budget(self) -> int | None:
@@ -59,8 +61,16 @@ class Policy:
         return None
 
     def capacity(self, max_seq_len: int) -> int:
-        """Slots a sequence needs: the budget plus room for one step's new rows."""
+        """Slots a sequence needs: the budget plus room for one step's new rows (SlotCache allocates
+        one more, its trash slot: see SlotCache.slots_allocated)."""
         return max_seq_len if self.budget is None else self.budget + self.rebuild + 1
+
+    @property
+    def static(self) -> bool:
+        """Whether the cache membership at every step is a function of the token sequence alone (not
+        of the LLM's attention or of rebuilt K/V): then adore/train/streameval.py can evaluate a
+        whole stream in one masked forward."""
+        return not self.needs_mass
 
     def keep_scores(self, view: SlotView) -> torch.Tensor:
         """[n, C] higher = keep. Only occupied slots are compared."""
@@ -74,3 +84,11 @@ class Policy:
 def recent(view: SlotView, n_recent: int) -> torch.Tensor:
     """[n, C] bool: the slot holds one of the last n_recent positions (the current one included)."""
     return view.pos > (view.cur_pos[:, None] - n_recent)
+
+
+def select_keep(policy: Policy, view: SlotView, valid: torch.Tensor) -> torch.Tensor:
+    """[n, C] bool: the occupied slots to keep, the `budget` best by the policy's scores
+    (all of them when a row holds no more than the budget)."""
+    s = policy.keep_scores(view).masked_fill(~valid, float("-inf"))
+    k = min(policy.budget, s.shape[1])
+    return torch.zeros_like(valid).scatter_(1, s.topk(k, dim=1).indices, True) & valid

@@ -14,6 +14,7 @@ from .base import BIG, Policy, SlotView, recent
 @dataclass
 class H2OPolicy(Policy):
     name = "h2o"
+    knobs = ("recent_frac",)
     needs_mass = True
 
     def keep_scores(self, view: SlotView):

@@ -10,6 +10,7 @@ from .base import BIG, Policy, SlotView
 @dataclass
 class SinkPolicy(Policy):
     name = "sink"
+    knobs = ("sink_tokens",)
 
     def keep_scores(self, view: SlotView):
         return view.pos.double() + BIG * (view.pos < self.cfg.sink_tokens)

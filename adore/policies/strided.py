@@ -13,6 +13,7 @@ from .base import BIG, Policy, SlotView, recent
 @dataclass
 class StridedPolicy(Policy):
     name = "strided"
+    knobs = ("stride", "recent_frac")
 
     def keep_scores(self, view: SlotView):
         local = recent(view, max(1, int(self.cfg.cache_size * self.cfg.recent_frac)))

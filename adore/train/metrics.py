@@ -4,18 +4,23 @@ precision / recall   of "i is in t's top-K" predicted as sigmoid(s(i, t)) > 0.5
 topk_overlap         |top-K by score ∩ true top-K| / K per row
 coverage at budget m the share of attention each query would find in the cache, for:
   static   the best m tokens by the controller's score for that row (any token may come back)
-  dynamic  the cache a policy actually holds at step t, simulated exactly as the engine runs it:
-           ADORE (release lowest-score down to m; rebuild "promote" or "every", R per step), window,
-           sink (4 + recent) and H2O (recent m/2 + accumulated attention, one set for all layers).
+  dynamic  the cache a policy actually holds at step t, simulated with the engine's Policy objects
+           (`simulate`): ADORE (release lowest-score down to m; rebuild "promote" or "every", R per
+           step), window, sink and H2O, each with AdoreConfig's defaults for its own knobs.
   Two figures each: `topk_mass` = share of the true top-K attention mass covered (the issue's
   measure), `mass` = share of all attention covered (counting only the stored top-`keep` weights).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from ..config import AdoreConfig
 from ..controller import Controller
+from ..policies import Policy, SlotView, make_policy, select_keep
+from ..policies.adore import AdorePolicy
 
 
 @torch.no_grad()
@@ -35,51 +40,42 @@ def _dense(idx: torch.Tensor, val: torch.Tensor, T: int) -> torch.Tensor:
     return a[:, :T]
 
 
-def simulate(policy: str, T: int, m: int, att: torch.Tensor | None, scores: torch.Tensor | None = None,
-             rebuild: int = 0, mode: str = "promote", sink: int = 4, stride: int = 16,
-             local: int | None = None) -> torch.Tensor:
-    """Cache membership at each step: [T, T] bool, row t = the tokens query t can attend to, with the
-    engine's rules (release after each step down to m by the policy's keep score; adore rebuilds).
+def simulate(policy: Policy, T: int, att: torch.Tensor | None = None,
+             scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Cache membership at each step: [T, T] bool, row t = the positions query t can attend to.
 
-    att [T, T] true attention (for h2o's accumulated mass); scores [T, T] controller scores (adore);
-    local: recent tokens protected by h2o and strided (default m // 2)."""
-    local = max(1, m // 2 if local is None else local)
+    The decisions are the policy object's own, in the engine's order: an ADORE policy scores every
+    position (`rule_scores` over the controller's scores) and picks released tokens to rebuild
+    (`choose_rebuild`); after the step the cache is cut back to the budget by `keep_scores`
+    (`select_keep`). Here each position has its own slot; the engine's packed slots hold the same set.
+
+    att [T, T] true attention, standing in for the attention mass h2o accumulates (needs_mass);
+    scores [T, T] the controller's scores (row t = query t), for policies that use a controller."""
+    pos = torch.arange(T)
     cached = torch.zeros(T, dtype=torch.bool)
     released = torch.zeros(T, dtype=torch.bool)
     acc = torch.zeros(T)
-    pos = torch.arange(T)
     out = torch.zeros(T, T, dtype=torch.bool)
+    adore = isinstance(policy, AdorePolicy)
     for t in range(T):
-        if policy == "adore" and rebuild > 0 and released[:t].any():
-            s = scores[t, :t]
-            cand = released[:t].clone()
-            if mode == "promote":
-                cand &= s > scores[t, :t + 1][cached[: t + 1]].min() if cached.any() else cand
-            if cand.any():
-                pick = s.masked_fill(~cand, float("-inf")).topk(min(rebuild, int(cand.sum()))).indices
+        pos_scores = None
+        if adore:
+            raw = scores[t : t + 1, : t + 1] if policy.uses_controller else None
+            pos_scores = policy.rule_scores(raw, t - pos[None, : t + 1])
+            if policy.rebuild > 0:
+                cached_min = pos_scores[0].masked_fill(~cached[: t + 1], float("inf")).min()
+                pick, ok = policy.choose_rebuild(pos_scores, released[None, : t + 1], cached_min[None])
+                pick = pick[ok]
                 cached[pick], released[pick] = True, False
         cached[t] = True
         out[t] = cached
-        if policy == "h2o":
+        if policy.needs_mass:
             w = att[t] * cached
             acc += w / w.sum().clamp(min=1e-9)
-        n = int(cached.sum())
-        if n <= m:
+        if policy.budget is None or int(cached.sum()) <= policy.budget:
             continue
-        if policy == "window":
-            key = pos.double()
-        elif policy == "sink":
-            key = pos.double() + 1e12 * (pos < sink)
-        elif policy == "h2o":
-            key = acc.double() + 1e12 * (pos > t - local)
-        elif policy == "strided":
-            key = pos.double() + 1e12 * (pos % stride == 0) + 2e12 * (pos > t - local)
-        else:
-            key = scores[t].double()
-        key = key.masked_fill(~cached, float("-inf"))
-        keep = key.topk(m).indices
-        drop = cached.clone()
-        drop[keep] = False
+        view = SlotView(torch.where(cached, pos, -1)[None], torch.tensor([t]), acc[None], pos_scores)
+        drop = cached & ~select_keep(policy, view, cached[None])[0]
         cached &= ~drop
         released |= drop
     return out
@@ -99,6 +95,10 @@ def evaluate(ctrl: Controller, emb: torch.Tensor, idx: torch.Tensor, val: torch.
 
     N, T, _ = emb.shape
     agg: dict[str, list[float]] = {}
+    cfg = AdoreConfig(cache_size=budget, top_k=None, rebuild=rebuild)
+    policies = {"adore": make_policy("adore", cfg),
+                "adore-every": make_policy("adore", replace(cfg, rebuild_mode="every")),
+                **{p: make_policy(p, cfg) for p in ("adore-norebuild", "window", "sink", "h2o")}}
 
     def add(name, v):
         agg.setdefault(name, []).append(v)
@@ -122,12 +122,8 @@ def evaluate(ctrl: Controller, emb: torch.Tensor, idx: torch.Tensor, val: torch.
             add(f"static_{name}:adore", c)
         if not dynamic:
             continue
-        runs = {"adore": dict(policy="adore", scores=s, rebuild=rebuild, mode="promote"),
-                "adore-every": dict(policy="adore", scores=s, rebuild=rebuild, mode="every"),
-                "adore-norebuild": dict(policy="adore", scores=s, rebuild=0),
-                "window": dict(policy="window"), "sink": dict(policy="sink"), "h2o": dict(policy="h2o")}
-        for name, kw in runs.items():
-            member = simulate(T=T, m=budget, att=att, **kw)
+        for name, pol in policies.items():
+            member = simulate(pol, T, att, s)
             for key, c in _coverage(member, att, top).items():
                 add(f"dynamic_{key}:{name}", c)
     return {k: round(sum(v) / len(v), 4) for k, v in agg.items()}

@@ -19,37 +19,23 @@ import torch
 
 from ..attention import _qkv, decoder_parts
 from ..config import AdoreConfig
+from ..policies import make_policy
 from .metrics import score_matrix, simulate
-
-STATIC_POLICIES = ("full", "window", "sink", "strided", "adore", "adore-norebuild", "adore-nocontroller")
-
 
 def is_static(policy: str, cfg: AdoreConfig) -> bool:
     """Whether `policy` under cfg has a cache membership the token sequence alone decides."""
-    if policy.startswith("adore") and cfg.protect_recent:
-        return False  # the simulation below does not model the protected window: use the engine
-    if policy in ("adore", "adore-nocontroller"):
-        return cfg.rebuild == 0 or policy == "adore-nocontroller" and cfg.rebuild_mode == "promote"
-    return policy in STATIC_POLICIES
+    return make_policy(policy, cfg).static
 
 
 def membership(policy: str, cfg: AdoreConfig, T: int, ctrl=None, emb: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """[T, T] bool: row t = the positions query t may attend to under the policy (t included).
-
-    ctrl/emb ([T, E], the LLM's input embeddings) are needed for adore; the no-controller prior
-    (sinks then recency) never promotes a released token, so it is static in promote mode."""
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    if policy == "full" or cfg.cache_size is None or T <= cfg.cache_size:
-        return causal
-    m = cfg.cache_size
-    if policy in ("adore", "adore-norebuild"):
-        return simulate("adore", T, m, None, scores=score_matrix(ctrl, emb), rebuild=0)
-    if policy == "adore-nocontroller":
-        return simulate("sink", T, m, None, sink=cfg.sink_tokens)
-    if policy == "strided":
-        return simulate("strided", T, m, None, stride=cfg.stride, local=int(m * cfg.recent_frac))
-    return simulate(policy, T, m, None, sink=cfg.sink_tokens)
+    """[T, T] bool: row t = the positions query t may attend to under the policy (t included), as
+    the policy object decides it (metrics.simulate). ctrl/emb ([T, E], the LLM's input embeddings)
+    are needed for policies that use a controller."""
+    pol = make_policy(policy, cfg)
+    if pol.budget is None or T <= pol.budget:
+        return torch.ones(T, T, dtype=torch.bool).tril()
+    return simulate(pol, T, scores=score_matrix(ctrl, emb) if pol.uses_controller else None)
 
 
 @torch.no_grad()
@@ -91,10 +77,10 @@ def stream_ppl(model, ids: list[int], policy: str, cfg: AdoreConfig, ctrl=None) 
     t = torch.tensor(ids, device=next(model.parameters()).device)
     emb = decoder_parts(model)[0](t).float().cpu() if ctrl is not None else None
     allowed = membership(policy, cfg, len(ids), ctrl, emb)
-    top_k = cfg.top_k if policy.startswith("adore") else None
-    lp = masked_logprobs(model, t, allowed, top_k)
+    pol = make_policy(policy, cfg)
+    lp = masked_logprobs(model, t, allowed, pol.top_k)
     nll = -lp.mean().item()
     return {"ppl": math.exp(nll), "nll": nll, "tokens": len(ids) - 1, "policy": policy,
-            "cache_size": cfg.cache_size if policy != "full" else None, "top_k": top_k,
-            "rebuild": 0, "peak_cache_tokens": int(allowed.sum(1).max()) - (policy != "full"),
+            "cache_size": pol.budget, "top_k": pol.top_k,
+            "rebuild": 0, "peak_cache_tokens": int(allowed.sum(1).max()) - pol.bounded,
             "method": "masked forward (equals the engine's stream)"}

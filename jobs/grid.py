@@ -27,12 +27,16 @@ from adore.policies import make_policy, policy_names
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("models", "policies", "cache_sizes", "rebuilds", "rebuild_modes", "gen_lengths", "batch_sizes")
-TASKS = ("throughput", "ppl", "fidelity")
+TASKS = ("throughput", "ppl", "fidelity", "retrieval")
 TASK_DEFAULTS: dict[str, dict] = {
     "throughput": {"prompt_tokens": 128},
     "ppl": {"tokens": 2048, "offset": 0},
     "fidelity": {"prompts": 16, "prompt_tokens": 256, "new_tokens": 128, "batch": 8},
+    "retrieval": {"kinds": ["passkey", "niah_single", "niah_multikey", "variable_track"],
+                  "lengths": [256, 512, 1024, 2048], "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "per_cell": 2,
+                  "batch": 8},
 }
+LIST_PARAMS = ("kinds", "lengths", "depths")  # task parameters that are lists (checked one by one)
 DEFAULTS: dict = {
     "name": "custom",
     "models": ["smollm2-135m"],
@@ -149,7 +153,9 @@ def validate(raw: dict) -> dict:
         _positive("top_k", [k])
     for t, params in cfg["tasks"].items():
         _positive(f"{t} parameters", [v for k, v in params.items()
-                                      if k in TASK_DEFAULTS[t] and k != "offset"])
+                                      if k in TASK_DEFAULTS[t] and k not in ("offset", *LIST_PARAMS)])
+        if t == "retrieval":
+            _check_retrieval(params)
         if not isinstance(params.get("offset", 0), int) or params.get("offset", 0) < 0:
             raise UserError(f"{t} offset must be an integer >= 0")
     axes = ("cache_size", "top_k", "rebuild", "rebuild_mode")  # the grid's own axes and key
@@ -163,6 +169,18 @@ def validate(raw: dict) -> dict:
     if not cfg["models"] or not cfg["policies"]:
         raise UserError("models and policies must not be empty")
     return cfg
+
+
+def _check_retrieval(params: dict) -> None:
+    from adore.retrieval import TASKS as KINDS
+
+    for k in LIST_PARAMS:
+        params[k] = _as_list(params[k])
+    if not params["kinds"] or set(params["kinds"]) - set(KINDS):
+        raise UserError(f"retrieval kinds must be some of {', '.join(KINDS)}, got {params['kinds']!r}")
+    _positive("retrieval lengths", params["lengths"])
+    if not params["depths"] or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in params["depths"]):
+        raise UserError(f"retrieval depths must be numbers in [0, 1], got {params['depths']!r}")
 
 
 def policy_axes(policy: str, cache_size: int, top_k, rebuild: int, mode: str, options: dict) -> dict:

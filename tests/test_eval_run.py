@@ -61,7 +61,7 @@ def test_dry_run_and_usage_errors(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["--preset", "ci", "--out", out, "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "12 cells, 0 already done" in text and "fidelity random:tiny-gqa adore" in text
+    assert "15 cells, 0 already done" in text and "fidelity random:tiny-gqa adore" in text
     assert main(["--preset", "nope", "--out", out]) == 2
     assert "unknown preset" in capsys.readouterr().err
     bad = _write(tmp_path, {**GRID, "policies": ["lru"]})

@@ -22,6 +22,7 @@ from ..config import AdoreConfig
 from ..policies import make_policy
 from .metrics import score_matrix, simulate
 
+
 def is_static(policy: str, cfg: AdoreConfig) -> bool:
     """Whether `policy` under cfg has a cache membership the token sequence alone decides."""
     return make_policy(policy, cfg).static

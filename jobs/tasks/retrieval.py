@@ -24,7 +24,7 @@ def run(ctx, cell: dict) -> dict:
     limit = getattr(ctx.model.config, "max_position_embeddings", None) or 1 << 30
     lengths = [n for n in p["lengths"] if n + MAX_ANSWER_TOKENS <= limit]
     key = ("retrieval-samples", cell["model"], cell["data_sha"], cell["data"], json.dumps(p, sort_keys=True))
-    samples = ctx.memo(key, lambda: make_samples(ctx.tok, as_text(ctx.source(cell["data"])), tasks=p["tasks"],
+    samples = ctx.memo(key, lambda: make_samples(ctx.tok, as_text(ctx.source(cell["data"])), tasks=p["kinds"],
                                                  lengths=lengths, depths=p["depths"], per_cell=p["per_cell"],
                                                  seed=cell.get("seed") or 0))
     scores = []

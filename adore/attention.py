@@ -159,11 +159,11 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
         mass = _add(mass, m)
         return packer.heads_pack(o) if packer is not None else o
 
-    if packer is not None:  # rows [1, T] over the live rows; else [n, R]
-        x = run_layers(model, embed(packer.pack(ids[..., None])[..., 0]), packer.pack(row_pos[..., None])[..., 0],
-                       attend)
-        return packer.unpack(norm(x)), mass
-    return norm(run_layers(model, embed(ids), row_pos.clamp(min=0), attend)), mass
+    if packer is None:  # rows [n, R]
+        x = norm(run_layers(model, embed(ids), row_pos.clamp(min=0), attend))
+    else:  # rows [1, T]: the live rows only
+        x = packer.unpack(norm(run_layers(model, embed(packer.pack(ids)), packer.pack(row_pos), attend)))
+    return x, mass
 
 
 @torch.no_grad()

@@ -61,8 +61,8 @@ class GraphedDecoder:
         slots = torch.full((B, rows), self.cache.trash, dtype=torch.long, device=dev)
 
         def run():
-            return forward_slots(self.model, self.cache, ids, row_pos, slots, self.top_k, self.want_mass,
-                                 used=used)
+            return forward_slots(self.model, self.cache, ids, row_pos, slots, top_k=self.top_k,
+                                 want_mass=self.want_mass, used=used)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

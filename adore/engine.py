@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import decoder_parts, forward_prompt, forward_slots
+from .attention import decoder_parts, forward_prompt, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
 from .config import SamplingParams, UserError
 from .controller import Controller, ControllerConfig
@@ -93,11 +93,9 @@ class Engine:
         if self.controller is not None:
             self.controller.to(self.device).eval().requires_grad_(False)
         # AutoTP shards heads across ranks: take local head counts from the (sharded) weights.
-        attn = model.model.layers[0].self_attn
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = attn.k_proj.weight.shape[0] // head_dim
         self.cache = SlotCache(
-            layers=cfg.num_hidden_layers, batch=max_batch, kv_heads=kv_heads, head_dim=head_dim,
+            layers=cfg.num_hidden_layers, batch=max_batch, kv_heads=local_kv_heads(model),
+            head_dim=head_dim(cfg),
             capacity=policy.capacity(max_seq_len), max_positions=max_seq_len,
             feat_dim=self.controller.cfg.score_dim + 1 if self.controller else 0,
             ctrl_dim=self.controller.cfg.hidden_dim if self.controller else 0,

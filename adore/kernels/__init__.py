@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from .reference import gather_slots, slice_by_matmul
+from .reference import gather_slots, keep_top_k, slice_by_matmul
 from .reference import slot_attention as slot_attention_torch
 
-__all__ = ["slot_attention", "slot_attention_torch", "gather_slots", "slice_by_matmul", "backend"]
+__all__ = ["slot_attention", "slot_attention_torch", "keep_top_k", "gather_slots", "slice_by_matmul", "backend"]
 
 
 def backend(device: torch.device) -> str:

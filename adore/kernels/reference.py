@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 
+def keep_top_k(scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """The top-K attention rule, used wherever attention keeps a top-K: each row of scores [..., N]
+    keeps the entries >= its top_k-th largest (ties kept; disallowed entries are already -inf) and
+    the others become -inf. top_k None, or >= N, keeps every entry. The Triton kernel computes the
+    same threshold its own way (tests/test_kernels.py compares it with `slot_attention` below)."""
+    if top_k is None or top_k >= scores.shape[-1]:
+        return scores
+    kth = scores.topk(top_k, dim=-1).values[..., -1:].detach()  # a threshold: no gradient through it
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
 def slot_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -31,7 +42,7 @@ def slot_attention(
     slot_pos: [B, C] int      absolute position of the token in each slot, -1 for an empty slot
     row_pos:  [B, R] int      absolute position of each query row, -1 for a padded row
     top_k:    if set, each (row, head) keeps only keys whose score is >= its K-th largest allowed
-              score (ties are kept); None keeps every allowed key
+              score (ties are kept; `keep_top_k`); None keeps every allowed key
     Key j is allowed for row r iff slot_pos[b, j] >= 0 and slot_pos[b, j] <= row_pos[b, r].
     A row with no allowed key (a padded row) gets zeros.
 
@@ -47,10 +58,7 @@ def slot_attention(
     s = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, Hkv, G*R, C]
     s = s.view(B, Hkv, G, R, C)
     allowed = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= row_pos[:, :, None])  # [B, R, C]
-    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
-    if top_k is not None and top_k < C:
-        kth = s.topk(top_k, dim=-1).values[..., -1:]
-        s = s.masked_fill(s < kth, float("-inf"))
+    s = keep_top_k(s.masked_fill(~allowed[:, None, None], float("-inf")), top_k)
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
     out = torch.matmul(p.view(B, Hkv, G * R, C).to(v_cache.dtype), v_cache)
     mass = p.sum(dim=(1, 2, 3)) if want_mass else None

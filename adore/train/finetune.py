@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..kernels import keep_top_k
+
 ATTN_NAME = "adore_topk"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,10 +68,7 @@ def topk_attention(module, query, key, value, attention_mask=None, scaling=None,
     s = s.masked_fill(future, float("-inf"))
     # a layer's own K (module.adore_top_k, set by set_topk_attention's per_layer) wins over the model's
     K = getattr(module, "adore_top_k", module.config.adore_top_k if hasattr(module, "config") else None)
-    if K is not None and K < S:
-        kth = s.topk(K, dim=-1).values[..., -1:].detach()
-        s = s.masked_fill(s < kth, float("-inf"))
-    p = torch.softmax(s, -1).to(query.dtype)
+    p = torch.softmax(keep_top_k(s, K), -1).to(query.dtype)
     return torch.matmul(p, v).transpose(1, 2).contiguous(), p
 
 

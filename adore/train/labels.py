@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..attention import _qkv, decoder_parts
+from ..attention import attention_scale, causal_attention, decoder_parts, run_layers
 
 
 @dataclass
@@ -38,34 +37,21 @@ class LabelConfig:
         return list(range(n_layers))[slice(int(a) if a else None, int(b) if b else None)]
 
 
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 @torch.no_grad()
 def collect_qk(model, ids: torch.Tensor, layer_ids: list[int]):
-    """Dense causal forward of ids [T]; returns q [L', Hq, T, D], k [L', Hkv, T, D] (post-RoPE) and
-    the attention scale of the selected layers."""
-    embed, layers, _, _, rotary = decoder_parts(model)
-    T = ids.shape[0]
-    hd = _head_dim(model.config)
-    pos = torch.arange(T, device=ids.device)[None]
-    x = embed(ids[None])
-    cos, sin = rotary(x, pos)
-    qs, ks, scale = [], [], hd**-0.5
-    for i, layer in enumerate(layers):
-        if i > max(layer_ids):
-            break
-        attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, hd)
-        scale = getattr(attn, "scaling", None) or hd**-0.5
+    """Dense causal forward of ids [T]; returns q [L', Hq, T, D], k [L', Hkv, T, D] (post-RoPE) of
+    the layers layer_ids and the attention scale."""
+    scale = attention_scale(model)
+    qs, ks = [], []
+
+    def attend(i, q, k, v):
         if i in layer_ids:
             qs.append(q[0])
             ks.append(k[0])
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return causal_attention(q, k, v, scale)
+
+    pos = torch.arange(ids.shape[0], device=ids.device)[None]
+    run_layers(model, decoder_parts(model)[0](ids[None]), pos, attend, n_layers=max(layer_ids) + 1)
     return torch.stack(qs), torch.stack(ks), scale
 
 

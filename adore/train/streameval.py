@@ -17,8 +17,9 @@ import math
 
 import torch
 
-from ..attention import _qkv, decoder_parts
+from ..attention import attention_scale, decoder_parts, run_layers
 from ..config import AdoreConfig
+from ..kernels import keep_top_k
 from ..policies import make_policy
 from .metrics import score_matrix, simulate
 
@@ -44,31 +45,23 @@ def masked_logprobs(model, ids: torch.Tensor, allowed: torch.Tensor, top_k: int 
                     chunk: int = 256) -> torch.Tensor:
     """One causal forward of ids [T] where query t attends to keys allowed[t] ([T, T] bool), keeping
     each (row, head)'s top_k scores (ties kept). Returns log p(ids[t+1] | ...) for t < T-1: [T-1]."""
-    embed, layers, norm, lm_head, rotary = decoder_parts(model)
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    embed, _, norm, lm_head, _ = decoder_parts(model)
     T = ids.shape[0]
-    dev = ids.device
-    allowed = allowed.to(dev)
-    x = embed(ids[None])
-    cos, sin = rotary(x, torch.arange(T, device=dev)[None])
-    for layer in layers:
-        attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, hd)  # [1, H, T, D]
+    allowed = allowed.to(ids.device)
+    scale = attention_scale(model)
+
+    def attend(i, q, k, v):  # q [1, Hq, T, D]; query rows in chunks, so at most [Hq, chunk, T] scores
         G = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        scale = getattr(attn, "scaling", None) or hd**-0.5
         o = torch.empty_like(q)
         for a in range(0, T, chunk):
             b = min(T, a + chunk)
             s = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2)).float() * scale
-            s = s.masked_fill(~allowed[a:b, :b], float("-inf"))
-            if top_k is not None and top_k < b:
-                kth = s.topk(top_k, dim=-1).values[..., -1:]
-                s = s.masked_fill(s < kth, float("-inf"))
+            s = keep_top_k(s.masked_fill(~allowed[a:b, :b], float("-inf")), top_k)
             o[:, :, a:b] = torch.matmul(torch.softmax(s, -1).to(v.dtype), v[:, :, :b])
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return o
+
+    x = run_layers(model, embed(ids[None]), torch.arange(T, device=ids.device)[None], attend)
     logits = lm_head(norm(x))[0, :-1].float()
     return torch.log_softmax(logits, -1).gather(1, ids[1:, None])[:, 0]
 

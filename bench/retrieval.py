@@ -1,0 +1,127 @@
+"""Long-context retrieval accuracy per policy at one budget (adore/retrieval.py's tasks).
+
+Every policy answers the same generated prompts (passkey, single- and multi-key needles, variable
+tracking; lengths x needle depths, seeded) greedily; accuracy by string match. Full attention is the
+reference. Writes rows in the evaluation job's format (task "retrieval", retrieval_json), so that
+`--plot` draws them with the report's heat map.
+
+    python bench/retrieval.py --model smollm2-135m --text data/austen/northangerabbey.txt \\
+        --lengths 256,512,1024,2048,4096 --out bench/results/retrieval_h200.json      # on a GPU
+    python bench/retrieval.py --plot bench/results/retrieval_h200.json                 # the PNG, here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_POLICIES = "full,window,sink,h2o,adore"
+
+
+def measure(args) -> dict:
+    import torch
+
+    from adore.config import AdoreConfig, SamplingParams
+    from adore.engine import Engine
+    from adore.models import load_model
+    from adore.policies import make_policy
+    from adore.retrieval import MAX_ANSWER_TOKENS, TASKS, make_samples, score
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    text = open(args.text, encoding="utf-8").read()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    kinds = args.kinds.split(",") if args.kinds else list(TASKS)
+    samples = make_samples(tok, text, tasks=kinds, lengths=lengths, depths=depths, per_cell=args.per_cell,
+                           seed=args.seed)
+    top_k = None if args.top_k in ("none", "0") else int(args.top_k)
+    rows = []
+    for policy in args.policies.split(","):
+        t0 = time.time()
+        cfg = AdoreConfig(cache_size=args.cache_size, top_k=top_k, rebuild=args.rebuild)
+        cells = defaultdict(list)
+        for n in lengths:
+            group = [s for s in samples if s.target == n]
+            eng = Engine(model, tok, make_policy(policy, cfg), max_batch=args.batch,
+                         max_seq_len=max(len(s.prompt_ids) for s in group) + MAX_ANSWER_TOKENS)
+            outs = eng.generate([s.prompt_ids for s in group], SamplingParams(max_tokens=MAX_ANSWER_TOKENS))
+            for s, o in zip(group, outs):
+                cells[(s.task, n, s.depth)].append(score(s, o.text))
+        recs = [{"task": t, "length": n, "depth": d, "acc": sum(v) / len(v), "n": len(v)}
+                for (t, n, d), v in sorted(cells.items())]
+        bounded = policy != "full"
+        rows.append({"task": "retrieval", "model": args.model, "dtype": args.dtype, "policy": policy,
+                     "cache_size": args.cache_size if bounded else None,
+                     "top_k": top_k if policy.startswith("adore") else None,
+                     "rebuild": args.rebuild if policy == "adore" else None,
+                     "rebuild_mode": "promote" if policy == "adore" else None,
+                     "retrieval_acc": sum(r["acc"] * r["n"] for r in recs) / sum(r["n"] for r in recs),
+                     "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
+        print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)
+    return {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if device == "cuda"
+            else "cpu", "rows": rows}
+
+
+def table(res: dict) -> str:
+    """Accuracy by policy x prompt length (all tasks and depths), and each policy relative to full."""
+    rows = res["rows"]
+    lengths = sorted({x["length"] for r in rows for x in json.loads(r["retrieval_json"])})
+    acc = {}
+    for r in rows:
+        for n in lengths:
+            xs = [x for x in json.loads(r["retrieval_json"]) if x["length"] == n]
+            acc[(r["policy"], n)] = sum(x["acc"] * x["n"] for x in xs) / sum(x["n"] for x in xs)
+    out = ["| policy | " + " | ".join(f"{n} tok" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for r in rows:
+        cells = []
+        for n in lengths:
+            a, f = acc[(r["policy"], n)], acc[("full", n)] if ("full", n) in acc else None
+            cells.append(f"{a:.2f}" + (f" ({a / f:.0%})" if f and r["policy"] != "full" else ""))
+        out.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--text", default="data/austen/northangerabbey.txt")
+    p.add_argument("--policies", default=DEFAULT_POLICIES)
+    p.add_argument("--kinds", default="", help="comma list of retrieval tasks (default: all)")
+    p.add_argument("--lengths", default="256,512,1024,2048")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--per-cell", type=int, default=2)
+    p.add_argument("--cache-size", type=int, default=192)
+    p.add_argument("--top-k", default="none")
+    p.add_argument("--rebuild", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results JSON")
+    p.add_argument("--plot", help="draw the heat maps of this results JSON next to it (no GPU needed)")
+    args = p.parse_args()
+    if args.plot:
+        from jobs.report.plots import retrieval_plot
+
+        res = json.load(open(args.plot))
+        name = retrieval_plot(res["rows"], res["rows"][0]["model"], os.path.dirname(os.path.abspath(args.plot)))
+        print(table(res), "\n", name)
+        return 0
+    res = measure(args)
+    print(table(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

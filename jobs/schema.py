@@ -36,8 +36,6 @@ FIELDS: list[tuple[str, pa.DataType]] = [
     ("bleu", _F), ("rouge_l", _F), ("bertscore_f1", _F), ("token_agreement", _F),
     ("prefix_match_tokens", _F), ("n_prompts", _I), ("new_tokens", _I), ("sample_ref", _S),
     ("sample_out", _S),
-    # long-context retrieval (per task x length x depth in retrieval_json)
-    ("retrieval_acc", _F), ("retrieval_json", _S),
     # engine counters
     ("steps", _I), ("released", _I), ("rebuilt", _I), ("peak_cache_tokens", _I), ("peak_step_tokens", _I),
     # timing
@@ -46,6 +44,9 @@ FIELDS: list[tuple[str, pa.DataType]] = [
     ("hostname", _S), ("node_id", _S), ("device", _S), ("device_name", _S), ("cpu_model", _S),
     ("cpu_count", _I), ("torch_threads", _I), ("gpu_count", _I), ("platform", _S), ("python", _S),
     ("torch", _S), ("transformers", _S), ("ray", _S), ("adore", _S), ("pyarrow", _S),
+    # long-context retrieval (per task x length x depth in retrieval_json); added after version 1's
+    # first columns, at the end as the stability rules ask
+    ("retrieval_acc", _F), ("retrieval_json", _S),
     ("extra_json", _S),
 ]
 SCHEMA = pa.schema([pa.field(n, t) for n, t in FIELDS])

@@ -34,7 +34,7 @@ def test_schema_is_stable():
     """A pinned fingerprint: edit it only together with SCHEMA.md (and SCHEMA_VERSION for changes in
     meaning or type; new columns go at the end, before extra_json)."""
     assert SCHEMA.names[:3] == ["schema_version", "cell_id", "status"] and SCHEMA.names[-1] == "extra_json"
-    assert len(SCHEMA) == 72
+    assert len(SCHEMA) == 74
     t = row_table({"cell_id": "a", "status": "ok", "unexpected": 3})
     assert t.schema == SCHEMA and t.num_rows == 1
     assert t.column("extra_json")[0].as_py() == '{"unexpected": 3}'

@@ -11,15 +11,14 @@ import asyncio
 import json
 import os
 import re
-import shutil
-import socket
-import tempfile
 import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
+
+from serving import private_serve  # noqa: E402
 
 from adore import SamplingParams  # noqa: E402
 from adore.engine import Engine  # noqa: E402
@@ -36,31 +35,19 @@ ADORE, FULL = "random:tiny:adore", "random:tiny:full"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     from ray import serve
 
     from cluster.app import build_app
 
-    tmp = tempfile.mkdtemp(prefix="ars", dir="/tmp")
     old = os.environ.get(API_TOKEN_ENV)
     os.environ[API_TOKEN_ENV] = TOKEN  # Ray's processes inherit the driver's environment
-    port = _free_port()
-    ray.init(num_cpus=4, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(ARGS), name="adore", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        with private_serve(4, "ars") as base:
+            serve.run(build_app(ARGS), name="adore", route_prefix="/")
+            yield base
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
         if old is None:
             os.environ.pop(API_TOKEN_ENV, None)
         else:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import tempfile
 import threading
 import time
 
@@ -23,6 +20,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
+
+from serving import private_serve  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -35,20 +34,8 @@ RECOVERY_LIMIT_S = 30.0
 
 @pytest.fixture(scope="module")
 def ray_serve():
-    from ray import serve
-
-    tmp = tempfile.mkdtemp(prefix="arx", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_serve(2, "arx") as base:
+        yield base
 
 
 def rank_pid() -> int:

@@ -9,9 +9,7 @@ after it succeeds (the replica and its engine loop are still there).
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import time
 
 import pytest
@@ -21,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from serving import private_serve  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -40,19 +39,9 @@ def server():
 
     from cluster.app import build_app
 
-    tmp = tempfile.mkdtemp(prefix="arf", dir="/tmp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with private_serve(2, "arf") as base:
         serve.run(build_app(ARGS), name="adore", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,7 @@ import torch
 from .attention import decoder_parts, forward_prompt, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
 from .config import SamplingParams, UserError
-from .controller import Controller, ControllerConfig
 from .policies import Policy, SlotView, select_keep
-from .policies.adore import AdorePolicy
 from .sampling import Detokenizer, make_generator, pick_token
 
 
@@ -76,8 +74,7 @@ class _Request:
 
 class Engine:
     def __init__(self, model, tokenizer, policy: Policy, *, max_batch: int = 8, max_seq_len: int = 4096,
-                 controller: Controller | None = None, cuda_graphs: bool | None = None,
-                 pack_rows: bool = True) -> None:
+                 cuda_graphs: bool | None = None, pack_rows: bool = True) -> None:
         if max_batch < 1 or max_seq_len < 2:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
         self.model, self.tok, self.policy = model, tokenizer, policy
@@ -87,18 +84,15 @@ class Engine:
         self.device = next(model.parameters()).device
         self.embed, _, _, self.lm_head, _ = decoder_parts(model)
         self.vocab_size = cfg.vocab_size
-        if isinstance(policy, AdorePolicy) and policy.uses_controller and policy.controller is None:
-            policy.controller = controller or default_controller(model)
-        self.controller = policy.controller if isinstance(policy, AdorePolicy) else None
-        if self.controller is not None:
-            self.controller.to(self.device).eval().requires_grad_(False)
+        policy.bind(model, self.embed, self.device)  # a learned policy loads its scorer here
+        self.controller = getattr(policy, "controller", None)  # for reports (bench/quality.py)
+        feat_dim, ctrl_dim = policy.state_dims()
         # AutoTP shards heads across ranks: take local head counts from the (sharded) weights.
         self.cache = SlotCache(
             layers=cfg.num_hidden_layers, batch=max_batch, kv_heads=local_kv_heads(model),
             head_dim=head_dim(cfg),
             capacity=policy.capacity(max_seq_len), max_positions=max_seq_len,
-            feat_dim=self.controller.cfg.score_dim + 1 if self.controller else 0,
-            ctrl_dim=self.controller.cfg.hidden_dim if self.controller else 0,
+            feat_dim=feat_dim, ctrl_dim=ctrl_dim,
             dtype=next(model.parameters()).dtype, device=self.device)
         # Static decode steps replayed from CUDA graphs (None: on when the model is on one GPU; off
         # under tensor parallelism, whose collectives we have not validated inside graphs).
@@ -211,16 +205,7 @@ class Engine:
         c.clear(row)
         c.tok_at[row, :P] = ids[0]
         pos = torch.arange(P, device=self.device)
-        pos_scores = None
-        if isinstance(pol, AdorePolicy):
-            query = None
-            if self.controller is not None:
-                h = self.controller.run(self.embed(ids[0]), pos)
-                c.feat_at[row, :P] = self.controller.token_features(h)
-                c.ctrl_h[row] = h[-1]
-                query = self.controller.query_features(h[-1:])
-            feats = c.feat_at[row : row + 1] if c.feat_at is not None else None
-            pos_scores = pol.position_scores(feats, pos[-1:], query)
+        pos_scores = pol.prefill_scores(c, row, ids[0], pos)  # [1, P] or None
         keep = pos
         budget = pol.budget
         if budget is not None and P > budget:
@@ -257,26 +242,10 @@ class Engine:
         cur_pos = torch.tensor([r.next_pos for r in reqs], device=dev)
         c.tok_at[ar, cur_pos] = cur_tok
 
-        # 1-2. controller scores for every position, and the rebuild choice
-        pos_scores = None
-        rb_pos = torch.zeros(n, 0, dtype=torch.long, device=dev)
-        rb_ok = torch.zeros(n, 0, dtype=torch.bool, device=dev)
-        if isinstance(pol, AdorePolicy):
-            query = None
-            if self.controller is not None:
-                h = self.controller.step(self.embed(cur_tok), cur_pos, c.ctrl_h[:n])
-                c.ctrl_h[:n] = h
-                c.feat_at[ar, cur_pos] = self.controller.token_features(h)
-                query = self.controller.query_features(h)
-            pos_scores = pol.position_scores(c.feat_at, cur_pos, query)
-            if pol.rebuild > 0:
-                valid = c.valid(n)
-                cached = pos_scores.gather(1, c.pos[:n, : c.capacity].clamp(min=0))
-                cached_min = cached.masked_fill(~valid, float("inf")).min(1).values
-                rb_pos, rb_ok = pol.choose_rebuild(pos_scores, c.released[:n], cached_min)
-                b, j = rb_ok.nonzero(as_tuple=True)
-                c.released[b, rb_pos[b, j]] = False
-                self.stats["rebuilt"] += int(rb_ok.sum())
+        # 1-2. the policy's scores for every position (adore: the controller), and its rebuild choice
+        pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
+        rb_pos, rb_ok = pol.choose_rebuild(c, n, pos_scores)
+        self.stats["rebuilt"] += int(rb_ok.sum()) if rb_ok.numel() else 0
 
         # 3. rows -> free slots -> all layers
         ids = torch.cat([c.tok_at[:n].gather(1, rb_pos), cur_tok[:, None]], 1)
@@ -413,14 +382,3 @@ class Engine:
         """Forget finished requests (servers call this after reading their results)."""
         for rid in [r for r, q in self.requests.items() if q.finish_reason is not None]:
             del self.requests[rid]
-
-
-def default_controller(model) -> Controller:
-    """The shipped trained controller for this model if there is one, else a fresh one (seed 0)."""
-    from .assets import find_controller
-
-    path = find_controller(model)
-    if path is not None:
-        return Controller.load(str(path))
-    torch.manual_seed(0)
-    return Controller(ControllerConfig(embed_dim=model.config.hidden_size))

@@ -282,7 +282,7 @@ def task_cost(args, spec: str) -> dict:
             for _ in range(50):
                 h = ctrl.step(emb, torch.tensor([P]), h)
                 s = pol.position_scores(feats, torch.tensor([P]), ctrl.query_features(h))
-                pol.choose_rebuild(s, released, s[:, -200:].min(1).values)
+                pol.pick_released(s, released, s[:, -200:].min(1).values)
             c_s = (time.perf_counter() - t0) / 50
         res.update(controller_ms=round(1e3 * c_s, 3), controller_share=round(c_s / step_s, 4),
                    controller_params=sum(p.numel() for p in ctrl.parameters()))

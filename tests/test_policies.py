@@ -161,3 +161,43 @@ def test_kv_memory_stays_at_budget(tiny_gqa, name, mode):
     assert eng.cache.kv_bytes_per_sequence() == nbytes
     assert eng.stats["peak_cache_tokens"] == m
     assert eng.stats["decode_tokens"] >= 1999
+
+
+def test_the_engine_only_calls_policy_hooks(tiny):
+    """No policy class is named in the engine; a new scoring policy runs without an engine edit; building
+    an engine leaves the global RNG as it was (the fresh controller is seeded in a forked RNG)."""
+    import inspect
+    from dataclasses import dataclass
+
+    import adore.engine
+    from adore.policies.base import Policy
+
+    src = inspect.getsource(adore.engine)
+    assert "AdorePolicy" not in src and "isinstance(pol" not in src
+
+    @dataclass
+    class EvenPositionsFirst(Policy):  # a policy with its own per-step scores, defined here only
+        name = "even-first"
+
+        def step_scores(self, cache, n, cur_tok, cur_pos):
+            P = int(cur_pos.max()) + 1
+            pos = torch.arange(P, device=cur_pos.device)
+            return ((pos % 2 == 0).double() * 1e6 + pos)[None].expand(n, P)
+
+        def keep_scores(self, view):
+            return view.pos_scores.gather(1, view.pos.clamp(min=0))
+
+    model, tok = tiny
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    Engine(model, tok, make_policy("adore"), max_batch=1, max_seq_len=32)
+    assert torch.equal(torch.get_rng_state(), before)
+
+    pol = EvenPositionsFirst(AdoreConfig(cache_size=8, top_k=None))
+    eng = Engine(model, tok, pol, max_batch=1, max_seq_len=64)
+    eng.trace = []
+    eng.generate([[5, 6, 7]], SamplingParams(max_tokens=20, ignore_eos=True))
+    kept = sorted(int(p) for p in eng.trace[-1]["step_pos"][0] if p >= 0)
+    last = int(eng.trace[-1]["cur_pos"][0])
+    evens = [p for p in range(last) if p % 2 == 0]
+    assert set(kept) >= set(evens[-7:])  # the even positions win the budget

@@ -32,6 +32,7 @@ class AdorePolicy(Policy):
     uses_controller = True
     knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks")
     controller: Controller | None = field(default=None, repr=False)
+    embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
 
     @property
     def rebuild(self) -> int:
@@ -74,8 +75,52 @@ class AdorePolicy(Policy):
     def keep_scores(self, view: SlotView):
         return view.pos_scores.gather(1, view.pos.clamp(min=0))
 
-    def choose_rebuild(self, pos_scores: torch.Tensor, released: torch.Tensor,
-                       cached_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- engine hooks (see base.py) ---------------------------------------------------------
+    def bind(self, model, embed, device) -> None:
+        if self.uses_controller and self.controller is None:
+            self.controller = default_controller(model)
+        if self.controller is not None:
+            self.controller.to(device).eval().requires_grad_(False)
+        self.embed = embed
+
+    def state_dims(self) -> tuple[int, int]:
+        c = self.controller
+        return (c.cfg.score_dim + 1, c.cfg.hidden_dim) if c is not None else (0, 0)
+
+    def prefill_scores(self, cache, row, ids, pos):
+        query, feats = None, None
+        if self.controller is not None:
+            h = self.controller.run(self.embed(ids), pos)  # [P, H]: the GRU over the prompt
+            cache.feat_at[row, : len(ids)] = self.controller.token_features(h)
+            cache.ctrl_h[row] = h[-1]
+            query = self.controller.query_features(h[-1:])
+            feats = cache.feat_at[row : row + 1]
+        return self.position_scores(feats, pos[-1:], query)
+
+    def step_scores(self, cache, n, cur_tok, cur_pos):
+        query = None
+        if self.controller is not None:
+            h = self.controller.step(self.embed(cur_tok), cur_pos, cache.ctrl_h[:n])
+            cache.ctrl_h[:n] = h
+            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos] = self.controller.token_features(h)
+            query = self.controller.query_features(h)
+        return self.position_scores(cache.feat_at, cur_pos, query)
+
+    def choose_rebuild(self, cache, n, pos_scores):
+        """The R best released positions (promote: only those beating the weakest cached token by
+        promote_margin); they are marked not released here, as they re-enter the cache this step."""
+        if self.rebuild == 0:
+            return super().choose_rebuild(cache, n, pos_scores)
+        valid = cache.valid(n)
+        cached = pos_scores.gather(1, cache.pos[:n, : cache.capacity].clamp(min=0))
+        cached_min = cached.masked_fill(~valid, float("inf")).min(1).values
+        rb_pos, rb_ok = self.pick_released(pos_scores, cache.released[:n], cached_min)
+        b, j = rb_ok.nonzero(as_tuple=True)
+        cache.released[b, rb_pos[b, j]] = False
+        return rb_pos, rb_ok
+
+    def pick_released(self, pos_scores: torch.Tensor, released: torch.Tensor,
+                      cached_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick released positions to rebuild.
 
         pos_scores [n, P]; released [n, P] bool; cached_min [n] the weakest cached token's score.
@@ -92,6 +137,20 @@ class AdorePolicy(Policy):
         ok = torch.isfinite(top.values)
         r = int(ok.sum(1).max()) if ok.any() else 0
         return top.indices[:, :r], ok[:, :r]
+
+
+def default_controller(model) -> Controller:
+    """The shipped trained controller for this model if there is one, else a fresh one initialised
+    from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
+    from ..assets import find_controller
+    from ..controller import ControllerConfig
+
+    path = find_controller(model)
+    if path is not None:
+        return Controller.load(str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Controller(ControllerConfig(embed_dim=model.config.hidden_size))
 
 
 @dataclass

@@ -1,9 +1,19 @@
 """The KV policy interface.
 
 A policy decides, after each step, which of a sequence's cached tokens to keep: the engine asks for
-a score per slot (higher = keep) and keeps the `budget` best, one decision for all layers. ADORE
-policies also choose released tokens to rebuild (see adore.py). Policies hold no per-sequence state:
-that lives in the engine's SlotCache, so sequences can join, leave and move between rows freely.
+a score per slot (higher = keep) and keeps the `budget` best, one decision for all layers. The engine
+calls the same hooks for every policy and never asks which one it has (as a kvpress press owns its
+`score`):
+
+    bind(model, embed, device)            once, before the cache is built (a learned scorer loads here)
+    state_dims()                          per-position and per-row feature sizes the cache must hold
+    prefill_scores(cache, row, ids, pos)  scores of a new prompt's positions [1, P], or None
+    step_scores(cache, n, cur_tok, cur_pos)  scores of every position for this step's tokens [n, P]
+    choose_rebuild(cache, n, pos_scores)  released positions to rebuild [n, r] and their validity
+    keep_scores(view)                     [n, C]: which cached slots to keep
+
+Per-sequence values (controller features and state) live in rows of the engine's SlotCache, so
+sequences can join, leave and move between rows freely; the policy decides what goes there.
 """
 
 from __future__ import annotations
@@ -75,6 +85,28 @@ class Policy:
     def keep_scores(self, view: SlotView) -> torch.Tensor:
         """[n, C] higher = keep. Only occupied slots are compared."""
         raise NotImplementedError
+
+    # -- hooks a learned or rebuilding policy overrides (the baselines need none) ---------------
+    def bind(self, model, embed, device) -> None:
+        """Called once by the engine with the model, its token embedding and the device."""
+
+    def state_dims(self) -> tuple[int, int]:
+        """(features per position, state per row) the SlotCache keeps for this policy."""
+        return 0, 0
+
+    def prefill_scores(self, cache, row: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        """A new prompt in `row`: ids [P], pos [P]. Scores of its positions for its last token [1, P]."""
+        return None
+
+    def step_scores(self, cache, n: int, cur_tok: torch.Tensor, cur_pos: torch.Tensor) -> torch.Tensor | None:
+        """This step's current tokens cur_tok [n] at cur_pos [n]: scores of every position [n, P]."""
+        return None
+
+    def choose_rebuild(self, cache, n: int, pos_scores: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Released positions to run again beside the current token: positions [n, r], valid [n, r]."""
+        dev = cache.pos.device
+        return torch.zeros(n, 0, dtype=torch.long, device=dev), torch.zeros(n, 0, dtype=torch.bool, device=dev)
 
     def describe(self) -> dict:
         return {"policy": self.name, "cache_size": self.budget, "top_k": self.top_k,

@@ -46,7 +46,7 @@ def simulate(policy: Policy, T: int, att: torch.Tensor | None = None,
 
     The decisions are the policy object's own, in the engine's order: an ADORE policy scores every
     position (`rule_scores` over the controller's scores) and picks released tokens to rebuild
-    (`choose_rebuild`); after the step the cache is cut back to the budget by `keep_scores`
+    (`pick_released`); after the step the cache is cut back to the budget by `keep_scores`
     (`select_keep`). Here each position has its own slot; the engine's packed slots hold the same set.
 
     att [T, T] true attention, standing in for the attention mass h2o accumulates (needs_mass);
@@ -64,7 +64,7 @@ def simulate(policy: Policy, T: int, att: torch.Tensor | None = None,
             pos_scores = policy.rule_scores(raw, t - pos[None, : t + 1])
             if policy.rebuild > 0:
                 cached_min = pos_scores[0].masked_fill(~cached[: t + 1], float("inf")).min()
-                pick, ok = policy.choose_rebuild(pos_scores, released[None, : t + 1], cached_min[None])
+                pick, ok = policy.pick_released(pos_scores, released[None, : t + 1], cached_min[None])
                 pick = pick[ok]
                 cached[pick], released[pick] = True, False
         cached[t] = True

@@ -128,3 +128,36 @@ def score(sample: Sample, output: str) -> float:
     if sample.task == "variable_track":
         return sum(found) / len(found)
     return float(all(found))
+
+
+def answer(model, tok, make_policy, samples: list[Sample], batch: int) -> tuple[list[dict], dict]:
+    """Answer every sample greedily, one engine per asked length (its rows sized for it).
+
+    make_policy() gives a fresh policy for each engine. Returns the mean score of each (task, asked
+    length, depth) as records {"task", "length", "depth", "acc", "n"}, and the engines' summed
+    counters (steps, released, rebuilt)."""
+    from collections import defaultdict
+
+    from .config import SamplingParams
+    from .engine import Engine
+
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    stats = {"steps": 0, "released": 0, "rebuilt": 0}
+    for n in sorted({s.target for s in samples}):
+        group = [s for s in samples if s.target == n]
+        engine = Engine(model, tok, make_policy(), max_batch=min(batch, len(group)),
+                        max_seq_len=max(len(s.prompt_ids) for s in group) + MAX_ANSWER_TOKENS)
+        outs = engine.generate([s.prompt_ids for s in group], SamplingParams(max_tokens=MAX_ANSWER_TOKENS))
+        for s, o in zip(group, outs):
+            cells[(s.task, n, s.depth)].append(score(s, o.text))
+        for k in stats:
+            stats[k] += engine.stats.get(k, 0)
+    records = [{"task": t, "length": n, "depth": d, "acc": sum(v) / len(v), "n": len(v)}
+               for (t, n, d), v in sorted(cells.items())]
+    return records, stats
+
+
+def mean_accuracy(records: list[dict]) -> float:
+    """The mean score over every sample behind the records."""
+    n = sum(r["n"] for r in records)
+    return sum(r["acc"] * r["n"] for r in records) / n if n else 0.0

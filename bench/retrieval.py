@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,11 +26,10 @@ DEFAULT_POLICIES = "full,window,sink,h2o,adore"
 def measure(args) -> dict:
     import torch
 
-    from adore.config import AdoreConfig, SamplingParams
-    from adore.engine import Engine
+    from adore.config import AdoreConfig
     from adore.models import load_model
     from adore.policies import make_policy
-    from adore.retrieval import MAX_ANSWER_TOKENS, TASKS, make_samples, score
+    from adore.retrieval import TASKS, answer, make_samples, mean_accuracy
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,23 +45,14 @@ def measure(args) -> dict:
     for policy in args.policies.split(","):
         t0 = time.time()
         cfg = AdoreConfig(cache_size=args.cache_size, top_k=top_k, rebuild=args.rebuild)
-        cells = defaultdict(list)
-        for n in lengths:
-            group = [s for s in samples if s.target == n]
-            eng = Engine(model, tok, make_policy(policy, cfg), max_batch=args.batch,
-                         max_seq_len=max(len(s.prompt_ids) for s in group) + MAX_ANSWER_TOKENS)
-            outs = eng.generate([s.prompt_ids for s in group], SamplingParams(max_tokens=MAX_ANSWER_TOKENS))
-            for s, o in zip(group, outs):
-                cells[(s.task, n, s.depth)].append(score(s, o.text))
-        recs = [{"task": t, "length": n, "depth": d, "acc": sum(v) / len(v), "n": len(v)}
-                for (t, n, d), v in sorted(cells.items())]
+        recs, _ = answer(model, tok, lambda p=policy, c=cfg: make_policy(p, c), samples, args.batch)
         bounded = policy != "full"
         rows.append({"task": "retrieval", "model": args.model, "dtype": args.dtype, "policy": policy,
                      "cache_size": args.cache_size if bounded else None,
                      "top_k": top_k if policy.startswith("adore") else None,
                      "rebuild": args.rebuild if policy == "adore" else None,
                      "rebuild_mode": "promote" if policy == "adore" else None,
-                     "retrieval_acc": sum(r["acc"] * r["n"] for r in recs) / sum(r["n"] for r in recs),
+                     "retrieval_acc": mean_accuracy(recs),
                      "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
         print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)
     return {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if device == "cuda"

@@ -328,7 +328,7 @@ class Ingress:
 
     def _restart_estimate_s(self, model: str) -> float:
         """Retry-After for a replica being replaced: how long this model's replicas took to start."""
-        return self.metrics.startup_s(model) + 2.0
+        return self.metrics.restart_s(model)
 
     def _payload(self, kind: str, req) -> dict:
         mt = req.requested_max_tokens() if kind == "chat" else req.max_tokens

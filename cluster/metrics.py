@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STALE_S = 60.0  # forget a replica's snapshot after this long without news (a dead one: see forget_dead)
-DEFAULT_STARTUP_S = 10.0  # a replica's start time before any replica has reported its own
+DEFAULT_RESTART_S = 12.0  # a replacement replica's start before any replica has reported its own
 
 
 class ApiMetrics:
@@ -70,10 +70,10 @@ class ApiMetrics:
     def n_replicas(self, model: str) -> int:
         return len(self._replicas.get(model, ()))
 
-    def startup_s(self, model: str) -> float:
-        """How long this model's replicas took to start (the longest known): a replacement's wait."""
-        known = [s["startup_s"] for s in self._replicas.get(model, {}).values() if s.get("startup_s")]
-        return max(known, default=DEFAULT_STARTUP_S)
+    def restart_s(self, model: str) -> float:
+        """The longest restart estimate its replicas reported: what a replacement makes callers wait."""
+        known = [s["restart_s"] for s in self._replicas.get(model, {}).values() if s.get("restart_s")]
+        return max(known, default=DEFAULT_RESTART_S)
 
     def forget_dead(self, alive) -> None:
         """Drop the snapshots of replicas that failed or whose actor is gone (`alive(actor_name)`)."""

@@ -102,9 +102,11 @@ class ModelServer:
         for g in self._gauges.values():
             g.set_default_tags(tags)
         self._last_push = 0.0
-        # A replacement also starts its processes and imports torch (about as long again): Retry-After
-        self.startup_s = 2 * (time.monotonic() - t0)
-        log.info("model %s ready in %.1f s: tp=%d %s", self.model_id, self.startup_s / 2, self.cfg.tp,
+        init_s = time.monotonic() - t0
+        # Retry-After while a replacement starts: its processes also start and import torch (about as
+        # long again as this init), plus Serve's health-check period to notice the failure.
+        self.restart_s = 2 * init_s + 2.0
+        log.info("model %s ready in %.1f s: tp=%d %s", self.model_id, init_s, self.cfg.tp,
                  self.group.info)
 
     def _engine_lost(self, exc: BaseException) -> None:
@@ -114,7 +116,7 @@ class ModelServer:
 
     def _unavailable(self) -> ApiError:
         return ApiError(503, f"the replica of {self.model_id} failed and is being replaced; retry later",
-                        code="unavailable", retry_after_s=max(1.0, self.startup_s + 2.0))
+                        code="unavailable", retry_after_s=self.restart_s)
 
     # -- requests ------------------------------------------------------------------------------
     def _encode(self, req: dict) -> list[int]:
@@ -202,7 +204,7 @@ class ModelServer:
     # -- state ---------------------------------------------------------------------------------
     def stats_now(self) -> dict:
         return {"model": self.model_id, "replica": self.replica, "actor": self.actor_name,
-                "startup_s": round(self.startup_s, 2), "rank_pids": [i.get("pid") for i in self.group.info],
+                "restart_s": round(self.restart_s, 2), "rank_pids": [i.get("pid") for i in self.group.info],
                 "time": time.time(), **self.driver.snapshot()}
 
     async def stats(self) -> dict:

@@ -128,7 +128,7 @@ def _add(total: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor | N
 @torch.no_grad()
 def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Tensor,
                   slots: torch.Tensor, top_k: int | None = None, want_mass: bool = False,
-                  used: int | None = None, pack: bool = False):
+                  used: int | None = None, pack: bool = False, queries: torch.Tensor | None = None):
     """One engine step for the first n rows of the cache.
 
     ids      [n, R] token ids of the query rows (rebuilt tokens and the current one)
@@ -138,6 +138,8 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
     used     slots [0, used) are read; None: computed from the cache (a device sync). A CUDA graph
              passes a fixed value so that the step has static shapes and no sync.
     pack     run projections and MLPs on the live rows only (dynamic shapes: not inside a graph)
+    queries  [L, n, Hq, D] or None: filled with each layer's query of the last row (the current
+             token), for a policy that scores tokens by the current token's attention
     Returns hidden states after the final norm [n, R, H] and the attention mass per slot
     [n, used] summed over layers (or None).
     """
@@ -153,6 +155,8 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
         nonlocal mass
         if packer is not None:
             q, k, v = packer.heads_unpack(q), packer.heads_unpack(k), packer.heads_unpack(v)
+        if queries is not None:
+            queries[i] = q[:, :, -1]
         cache.write_kv(i, slots, k, v)
         o, m = slot_attention(q, cache.k[i, :n, :, :used], cache.v[i, :n, :, :used], slot_pos, row_pos,
                               top_k=top_k, scale=scale, want_mass=want_mass)
@@ -167,9 +171,11 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
 
 
 @torch.no_grad()
-def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int | None = None):
+def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int | None = None,
+                   queries: torch.Tensor | None = None):
     """Causal prefill of one prompt ids [1, P] at positions 0..P-1: dense, or each row keeping its
-    top_k keys per head (a model fine-tuned under top-K attention).
+    top_k keys per head (a model fine-tuned under top-K attention). queries [L, 1, Hq, D] or None:
+    filled with each layer's query of the last position.
 
     Returns hidden [1, P, H], per-layer K and V lists ([1, Hkv, P, D] each), and the attention mass
     each position received summed over layers, heads and queries ([1, P]) if want_mass."""
@@ -183,6 +189,8 @@ def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int
         nonlocal mass
         ks.append(k)
         vs.append(v)
+        if queries is not None:
+            queries[i] = q[:, :, -1]
         if want_mass or top_k is not None and top_k < P:
             o, m = slot_attention(q, k, v, pos, pos, top_k=top_k, scale=scale, want_mass=want_mass)
             mass = _add(mass, m)

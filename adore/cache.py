@@ -9,6 +9,10 @@ slot that padded query rows write into; it is never attended.
 Per-position state (token ids, controller features, released flags) is indexed by absolute position,
 so the released list costs no bookkeeping: a token's entry is written once, when it arrives.
 
+A second tier (store_size > 0) keeps released tokens' K/V, all layers, in `store_size` more slots
+per sequence (`stash` on release, `restore` on rebuild), so a token that comes back has exactly the
+K/V it left with. When a row's store is full, the lowest-scored stored tokens make room.
+
 Active sequences are kept packed in rows [0, n_active): when one leaves, the last one moves into its
 row (`move`), so decode runs on views `[:n_active]` without gathers.
 """
@@ -20,7 +24,7 @@ import torch
 
 class SlotCache:
     def __init__(self, *, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 max_positions: int, feat_dim: int = 0, ctrl_dim: int = 0,
+                 max_positions: int, feat_dim: int = 0, ctrl_dim: int = 0, store_size: int = 0,
                  dtype=torch.float32, device="cpu") -> None:
         self.capacity, self.batch, self.max_positions = capacity, batch, max_positions
         shape = (layers, batch, kv_heads, self.slots_allocated(capacity), head_dim)
@@ -35,6 +39,16 @@ class SlotCache:
         self.feat_at = torch.zeros(batch, max_positions, feat_dim, device=device) if feat_dim else None
         # per sequence: the controller's recurrent state
         self.ctrl_h = torch.zeros(batch, ctrl_dim, device=device) if ctrl_dim else None
+        # the second tier: released tokens' K/V [L, B, Hkv, S + 1, D] (slot S is its trash slot) and
+        # their positions [B, S + 1] (-1: empty)
+        self.store_size = store_size
+        if store_size:
+            sshape = (layers, batch, kv_heads, store_size + 1, head_dim)
+            self.store_k = torch.zeros(sshape, dtype=dtype, device=device)
+            self.store_v = torch.zeros(sshape, dtype=dtype, device=device)
+            self.store_pos = torch.full((batch, store_size + 1), -1, dtype=torch.long, device=device)
+        else:
+            self.store_k = self.store_v = self.store_pos = None
 
     @staticmethod
     def slots_allocated(capacity: int) -> int:
@@ -70,18 +84,69 @@ class SlotCache:
         self.k[layer][b, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][b, :, slots] = v.transpose(1, 2).to(self.v.dtype)
 
+    def store_bytes_per_sequence(self) -> int:
+        """Bytes of the second tier one sequence owns (0 without one)."""
+        return 0 if self.store_k is None else 2 * self.store_k[:, 0].numel() * self.store_k.element_size()
+
+    def stored(self, n: int) -> torch.Tensor:
+        """[n, S] bool: occupied store slots of the first n rows (trash excluded)."""
+        return self.store_pos[:n, : self.store_size] >= 0
+
+    def stash(self, rows: torch.Tensor, slots: torch.Tensor, pos_scores: torch.Tensor | None) -> None:
+        """Keep the K/V of cache slots (rows[j], slots[j]) [J] in their rows' stores (before the slots
+        are emptied). rows must be sorted (as nonzero() gives them)."""
+        if self.store_k is not None and rows.numel():
+            self.store_put(rows, self.pos[rows, slots], self.k[:, rows, :, slots], self.v[:, rows, :, slots],
+                           pos_scores)
+
+    def store_put(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  pos_scores: torch.Tensor | None) -> None:
+        """Put tokens into the stores: rows [J] (sorted), positions [J], k and v [J, L, Hkv, D].
+        A row's free store slots are used first, then its lowest-scored stored tokens (pos_scores
+        [rows, P]; None: the oldest) are dropped for good; a row putting more tokens than its store
+        holds keeps the first store_size of them."""
+        n = int(rows.max()) + 1
+        rank = torch.arange(rows.numel(), device=rows.device) - torch.searchsorted(rows, rows)  # 0, 1, .. per row
+        sp = self.store_pos[:n, : self.store_size]
+        prio = sp.double() if pos_scores is None else pos_scores[:n].gather(1, sp.clamp(min=0)).double()
+        prio = prio.masked_fill(sp < 0, float("-inf"))  # empty slots first
+        take = min(int(rank.max()) + 1, self.store_size)
+        dst_of = prio.topk(take, dim=1, largest=False).indices  # [n, take] the slots to (over)write
+        ok = rank < take
+        rows, rank = rows[ok], rank[ok]
+        dst = dst_of[rows, rank]
+        self.store_k[:, rows, :, dst] = k[ok].to(self.store_k.dtype)
+        self.store_v[:, rows, :, dst] = v[ok].to(self.store_v.dtype)
+        self.store_pos[rows, dst] = positions[ok]
+
+    def restore(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Move stored tokens at positions [J] of rows [J] back into cache slots [J] (free ones),
+        exactly the K/V they were stashed with; their store slots become free."""
+        if rows.numel() == 0:
+            return
+        src = (self.store_pos[rows, : self.store_size] == positions[:, None]).int().argmax(1)
+        self.k[:, rows, :, slots] = self.store_k[:, rows, :, src]
+        self.v[:, rows, :, slots] = self.store_v[:, rows, :, src]
+        self.pos[rows, slots] = positions
+        self.store_pos[rows, src] = -1
+
     def clear(self, b: int) -> None:
         self.pos[b] = -1
         self.mass[b] = 0
         self.released[b] = False
         if self.ctrl_h is not None:
             self.ctrl_h[b] = 0
+        if self.store_pos is not None:
+            self.store_pos[b] = -1
 
     def move(self, src: int, dst: int) -> None:
         """Row src -> row dst (compaction of the active rows when a sequence leaves)."""
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
-        for t in (self.pos, self.mass, self.tok_at, self.released, self.feat_at, self.ctrl_h):
+        if self.store_k is not None:
+            self.store_k[:, dst] = self.store_k[:, src]
+            self.store_v[:, dst] = self.store_v[:, src]
+        for t in (self.pos, self.mass, self.tok_at, self.released, self.feat_at, self.ctrl_h, self.store_pos):
             if t is not None:
                 t[dst] = t[src]
         self.clear(src)

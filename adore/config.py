@@ -36,9 +36,9 @@ class AdoreConfig:
 
     cache_size: int | None = knob(192, "KV budget m: entries kept per sequence between steps "
                                   "(none: unbounded, full attention)")
-    top_k: int | None = knob(96, "adore: keys each query row keeps per head after scoring (none or 0: all)",
+    top_k: int | None = knob(None, "adore: keys each query row keeps per head after scoring (none or 0: all)",
                              none_aliases=(0,))
-    rebuild: int = knob(8, "adore: released tokens rebuilt per step at most, R")
+    rebuild: int = knob(32, "adore: released tokens rebuilt per step at most, R")
     rebuild_mode: str = knob("promote", "adore: 'every' (the R best released tokens every step, the "
                              "paper) or 'promote' (only released tokens that beat the weakest cached one)",
                              choices=("promote", "every"))
@@ -49,6 +49,16 @@ class AdoreConfig:
                                "picks the rest)")
     protect_sinks: int = knob(0, "adore: the first N positions are never released (attention sinks, "
                               "which StreamingLLM keeps; the controller picks the rest)")
+    scorer: str = knob("attention", "adore: what scores past tokens: 'attention' (the attention the current "
+                       "token gives every cached and stored token, decayed over steps) or 'controller' (the "
+                       "paper's GRU over token embeddings and positions)", choices=("attention", "controller"))
+    score_decay: float = knob(0.5, "adore scorer 'attention': weight of the past steps' attention in a token's "
+                              "score (0: the last step only)")
+    rebuild_source: str = knob("stored", "adore: where a rebuilt token's K/V comes from: 'stored' (the K/V "
+                               "kept when it was released, exact) or 'recompute' (run it through the layers "
+                               "again, the paper)", choices=("stored", "recompute"))
+    store_size: int = knob(2048, "adore rebuild_source 'stored': released tokens whose K/V each sequence "
+                           "keeps (the second tier; the lowest-scored go first when it is full)")
     sink_tokens: int = knob(4, "sink, adore-nocontroller: first tokens always kept (StreamingLLM)")
     stride: int = knob(16, "strided: spacing of the long-range tokens kept")
     recent_frac: float = knob(0.5, "h2o, strided: share of the budget reserved for the most recent tokens")
@@ -70,6 +80,14 @@ class AdoreConfig:
                                       and self.protect_sinks + self.protect_recent >= self.cache_size):
             raise UserError(f"protect_sinks must be >= 0 and, with protect_recent, below the cache size, "
                             f"got {self.protect_sinks}")
+        if self.scorer not in ("attention", "controller"):
+            raise UserError(f"scorer must be 'attention' or 'controller', got {self.scorer!r}")
+        if not 0.0 <= self.score_decay < 1.0:
+            raise UserError(f"score_decay must be in [0, 1), got {self.score_decay}")
+        if self.rebuild_source not in ("stored", "recompute"):
+            raise UserError(f"rebuild_source must be 'stored' or 'recompute', got {self.rebuild_source!r}")
+        if self.store_size < 0:
+            raise UserError(f"store_size must be >= 0, got {self.store_size}")
         if self.sink_tokens < 0 or self.stride < 1 or not 0.0 <= self.recent_frac <= 1.0:
             raise UserError("sink_tokens >= 0, stride >= 1 and 0 <= recent_frac <= 1 are required")
 

@@ -30,10 +30,11 @@ class _Captured:
 
 class GraphedDecoder:
     def __init__(self, model, cache: SlotCache, top_k: int | None, want_mass: bool,
-                 slot_bucket: int = 256) -> None:
+                 queries: torch.Tensor | None = None, slot_bucket: int = 256) -> None:
         if cache.k.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
         self.model, self.cache, self.top_k, self.want_mass = model, cache, top_k, want_mass
+        self.queries = queries  # [L, B, Hq, D], written by every replay (forward_slots' `queries`)
         self.slot_bucket = slot_bucket
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -62,7 +63,7 @@ class GraphedDecoder:
 
         def run():
             return forward_slots(self.model, self.cache, ids, row_pos, slots, top_k=self.top_k,
-                                 want_mass=self.want_mass, used=used)
+                                 want_mass=self.want_mass, used=used, queries=self.queries)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

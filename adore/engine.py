@@ -10,11 +10,15 @@ Each `step()` first admits waiting requests into free rows (a causal prefill eac
 their first token: dense, or top-K when the model was fine-tuned under top-K attention), then runs
 one decode step for every active row at once. A decode step per row:
 
-  1. the controller reads the current token and scores every past position (adore policies);
-  2. the best released tokens are chosen for rebuild (up to R);
+  1. the policy scores every past position (adore: by the attention the previous tokens gave them,
+     or by the paper's controller, which reads the current token);
+  2. recompute-rebuild: the best released tokens are chosen to run again (up to R);
   3. the rows (rebuilt tokens + the current one) get free slots and run through every layer,
-     attending to the slots at or before their positions, top-K per head;
-  4. the cache is cut back to the budget m by the policy's scores (one decision for all layers);
+     attending to the slots at or before their positions, top-K per head; the policy observes the
+     step (adore: the current token's attention to every cached and stored token);
+  4. stored-rebuild: released tokens that now outscore cached ones are copied back from the
+     cache's second tier; the cache is cut back to the budget m by the policy's scores (one
+     decision for all layers; released tokens go to the second tier);
   5. the current row's logits give the next token.
 
 All decisions are made from tensors every tensor-parallel rank holds identically, so ranks that run
@@ -33,6 +37,7 @@ from .attention import decoder_parts, forward_prompt, forward_slots, head_dim, l
 from .cache import SlotCache
 from .config import SamplingParams, UserError
 from .policies import Policy, SlotView, select_keep
+from .policies.base import nothing_rebuilt
 from .sampling import Detokenizer, make_generator, pick_token
 
 
@@ -92,8 +97,15 @@ class Engine:
             layers=cfg.num_hidden_layers, batch=max_batch, kv_heads=local_kv_heads(model),
             head_dim=head_dim(cfg),
             capacity=policy.capacity(max_seq_len), max_positions=max_seq_len,
-            feat_dim=feat_dim, ctrl_dim=ctrl_dim,
+            feat_dim=feat_dim, ctrl_dim=ctrl_dim, store_size=policy.store_size,
             dtype=next(model.parameters()).dtype, device=self.device)
+        # the current token's queries of every layer [L, B, Hq, D], for a policy that scores by them
+        self.queries = None
+        if policy.needs_queries:
+            hd = head_dim(cfg)
+            hq = model.model.layers[0].self_attn.q_proj.weight.shape[0] // hd  # local heads (AutoTP)
+            self.queries = torch.zeros(cfg.num_hidden_layers, max_batch, hq, hd, device=self.device,
+                                       dtype=next(model.parameters()).dtype)
         # Static decode steps replayed from CUDA graphs (None: on when the model is on one GPU; off
         # under tensor parallelism, whose collectives we have not validated inside graphs).
         self.graphed = None
@@ -104,7 +116,7 @@ class Engine:
         if cuda_graphs:
             from .cuda_graph import GraphedDecoder
 
-            self.graphed = GraphedDecoder(model, self.cache, policy.top_k, policy.needs_mass)
+            self.graphed = GraphedDecoder(model, self.cache, policy.top_k, policy.needs_mass, self.queries)
         # A model fine-tuned under top-K attention (an `adore finetune` adapter) saw top-K in every
         # position in training, so its prompt is read under top-K too: a dense prefill would feed
         # the decode KV states the adapter never produced in training.
@@ -118,7 +130,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self.trace: list[dict] | None = None  # set to [] to record each step's decisions (tests)
         self.stats = {"steps": 0, "released": 0, "rebuilt": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "peak_cache_tokens": 0, "peak_step_tokens": 0}
+                      "peak_cache_tokens": 0, "peak_step_tokens": 0, "stored_tokens": 0}
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -201,11 +213,13 @@ class Engine:
         c, pol = self.cache, self.policy
         P = len(req.prompt)
         ids = torch.tensor([req.prompt], device=self.device)
-        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass, top_k=self.prefill_top_k)
+        q = self.queries[:, row : row + 1] if self.queries is not None else None
+        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass, top_k=self.prefill_top_k,
+                                              queries=q)
         c.clear(row)
         c.tok_at[row, :P] = ids[0]
         pos = torch.arange(P, device=self.device)
-        pos_scores = pol.prefill_scores(c, row, ids[0], pos)  # [1, P] or None
+        pos_scores = pol.prefill_scores(c, row, ids[0], pos, q, ks)  # [1, P] or None
         keep = pos
         budget = pol.budget
         if budget is not None and P > budget:
@@ -217,6 +231,12 @@ class Engine:
             c.released[row, :P] = True
             c.released[row, keep] = False
             self.stats["released"] += P - budget
+            if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
+                out = c.released[row, :P].nonzero()[:, 0]
+                if pos_scores is not None:  # best first: a store smaller than the cut keeps those
+                    out = out[pos_scores[0, out].argsort(descending=True)]
+                c.store_put(torch.full_like(out, row), out, torch.stack([k[0, :, out].transpose(0, 1) for k in ks], 1),
+                            torch.stack([v[0, :, out].transpose(0, 1) for v in vs], 1), None)
         n = keep.numel()
         c.k[:, row, :, :n] = torch.stack([k[0, :, keep] for k in ks])
         c.v[:, row, :, :n] = torch.stack([v[0, :, keep] for v in vs])
@@ -243,8 +263,11 @@ class Engine:
         c.tok_at[ar, cur_pos] = cur_tok
 
         # 1-2. the policy's scores for every position (adore: the controller), and its rebuild choice
+        # (recomputed rebuilds run as query rows beside the current token; stored ones come back
+        # after the layers, step 4)
         pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
-        rb_pos, rb_ok = pol.choose_rebuild(c, n, pos_scores)
+        stored = pol.rebuild_source == "stored"
+        rb_pos, rb_ok = nothing_rebuilt(c, n) if stored else pol.choose_rebuild(c, n, pos_scores)
         self.stats["rebuilt"] += int(rb_ok.sum()) if rb_ok.numel() else 0
 
         # 3. rows -> free slots -> all layers
@@ -255,16 +278,27 @@ class Engine:
         c.pos[:n].scatter_(1, slots, row_pos)  # padded rows write -1 into the trash slot
         c.mass[:n].scatter_(1, slots, torch.zeros_like(row_pos, dtype=c.mass.dtype))
         step_tokens = int(c.valid(n).sum(1).max())
+        q = self.queries[:, :n] if self.queries is not None else None
         if self.graphed is not None:
             hidden, mass = self.graphed(ids, row_pos, slots)
         else:
             hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
-                                         want_mass=pol.needs_mass, pack=self.pack_rows)
+                                         want_mass=pol.needs_mass, pack=self.pack_rows, queries=q)
         if mass is not None:
             c.mass[:n, : mass.shape[1]] += mass
         logits = self.lm_head(hidden[:, -1:])[:, 0]
+        pos_scores = pol.observe(c, n, cur_pos, q, pos_scores)
 
-        # 4. release down to the budget, one decision for all layers
+        # 4. stored tokens that now outscore cached ones come back with the K/V they left with, then
+        # the cut down to the budget, one decision for all layers: the next step attends to m + 1
+        if stored:
+            back, back_ok = pol.choose_rebuild(c, n, pos_scores)
+            if back_ok.numel():
+                b, j = back_ok.nonzero(as_tuple=True)
+                free = c.free_slots(n, back.shape[1])
+                c.restore(b, back[b, j], free[b, j])
+                c.mass[b, free[b, j]] = 0
+                self.stats["rebuilt"] += int(b.numel())
         if self.trace is not None:
             self.trace.append({"rows": list(self.rows), "cur_pos": cur_pos.clone(),
                                "rebuilt": [rb_pos[i][rb_ok[i]].tolist() for i in range(n)],
@@ -277,12 +311,15 @@ class Engine:
                 view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
                 drop = valid & ~select_keep(pol, view, valid)
                 b, j = drop.nonzero(as_tuple=True)
+                c.stash(b, j, pos_scores)
                 c.released[b, c.pos[b, j]] = True
                 c.pos[b, j] = -1
                 c.mass[b, j] = 0
                 self.stats["released"] += int(b.numel())
         held = int(c.valid(n).sum(1).max())
         st = self.stats
+        if c.store_pos is not None:
+            st["stored_tokens"] = int(c.stored(n).sum())
         st["steps"] += 1
         st["decode_tokens"] += n
         st["peak_cache_tokens"] = max(st["peak_cache_tokens"], held)

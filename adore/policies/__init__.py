@@ -38,6 +38,26 @@ def make_policy(name: str, cfg: AdoreConfig | None = None, controller=None) -> P
     return cls(cfg)
 
 
+def parse_policy_spec(spec: str, base: AdoreConfig | None = None) -> tuple[str, AdoreConfig, dict]:
+    """'adore:top_k=none:rebuild=4' -> (policy name, config, extras {controller, adapter}): the
+    benchmarks' way to name a setting. Any AdoreConfig field may be set (parsed by its type)."""
+    from dataclasses import asdict
+
+    from ..config import parse_knob
+
+    name, *opts = spec.split(":")
+    kw, extra = asdict(base if base is not None else AdoreConfig()), {}
+    for o in opts:
+        k, _, v = o.partition("=")
+        if k in ("controller", "adapter"):
+            extra[k] = v
+        elif k in kw:
+            kw[k] = parse_knob(k, v)
+        else:
+            raise UserError(f"unknown option {k!r} in policy spec {spec!r}")
+    return name, AdoreConfig(**kw), extra
+
+
 def _load_controller(path: str):
     import os
 
@@ -51,4 +71,4 @@ def _load_controller(path: str):
         raise UserError(f"cannot load controller {path}: {e}") from None
 
 
-__all__ = ["Policy", "SlotView", "select_keep", "POLICIES", "make_policy", "policy_names"]
+__all__ = ["Policy", "SlotView", "select_keep", "POLICIES", "make_policy", "policy_names", "parse_policy_spec"]

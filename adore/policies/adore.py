@@ -12,6 +12,19 @@ Rebuild modes:
            when it matters. Without the margin a query-dependent controller keeps swapping near-tied
            tokens in and out (4.6 rebuilds a step on SmolLM2 for the same perplexity as 0.6 with it).
 
+Scorers (`scorer`):
+  attention   (default, v2) a token's score is the attention the current token gives it, averaged over
+              layers and heads and decayed over steps (score_decay), for cached and stored tokens
+              alike: the current token's queries meet the cached keys and the second tier's stored
+              keys once per step, after the layers. Sinks and recent tokens can be protected.
+  controller  the paper's GRU over token embeddings and positions (adore/controller.py)
+
+Rebuild source (`rebuild_source`):
+  stored      (default) released tokens' K/V go to the cache's second tier (store_size per sequence);
+              a rebuilt token's K/V is copied back, exactly what it left with, and is not run again
+  recompute   the paper: the token runs through every layer again, beside the current token, so its
+              K/V is computed against today's cache
+
 Ablations: `adore-norebuild` (R = 0) and `adore-nocontroller` (scores from a fixed prior, the first
 `sink_tokens` positions then recency, instead of the learned controller).
 """
@@ -42,6 +55,22 @@ class AdorePolicy(Policy):
     def top_k(self) -> int | None:
         return self.cfg.top_k
 
+    @property
+    def by_attention(self) -> bool:
+        return self.uses_controller and self.cfg.scorer == "attention"
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.by_attention
+
+    @property
+    def rebuild_source(self) -> str:
+        return self.cfg.rebuild_source if self.rebuild else "recompute"
+
+    @property
+    def store_size(self) -> int:
+        return self.cfg.store_size if self.rebuild_source == "stored" else 0
+
     def position_scores(self, feat_at: torch.Tensor | None, cur_pos: torch.Tensor,
                         query: torch.Tensor | None) -> torch.Tensor:
         """Score of every position 0..P-1 for each row's current token: [n, P], -inf after cur_pos.
@@ -67,9 +96,19 @@ class AdorePolicy(Policy):
             s = s.double() + BIG * (pos[None, :] < self.cfg.protect_sinks)
         return s.masked_fill(dist < 0, float("-inf"))
 
+    def received_scores(self, received: torch.Tensor, cur_pos: torch.Tensor) -> torch.Tensor:
+        """Scorer 'attention': received [n, >= P] each position's decayed received attention ->
+        scores [n, P] (its log), with the policy's rules (protected sinks and recent, -inf ahead)."""
+        P = int(cur_pos.max()) + 1
+        dist = cur_pos[:, None] - torch.arange(P, device=cur_pos.device)[None, :]
+        return self.rule_scores(torch.log(received[:, :P].double() + 1e-12), dist)
+
     @property
     def static(self) -> bool:
-        # rebuilt tokens get new K/V; the no-controller prior never promotes a released token
+        # rebuilt tokens get new K/V; the no-controller prior never promotes a released token; the
+        # attention scorer reads the LLM's attention
+        if self.by_attention:
+            return False
         return self.rebuild == 0 or (not self.uses_controller and self.cfg.rebuild_mode == "promote")
 
     def keep_scores(self, view: SlotView):
@@ -77,17 +116,30 @@ class AdorePolicy(Policy):
 
     # -- engine hooks (see base.py) ---------------------------------------------------------
     def bind(self, model, embed, device) -> None:
-        if self.uses_controller and self.controller is None:
+        from ..attention import attention_scale
+
+        self.scale = attention_scale(model)
+        if self.by_attention:
+            self.controller = None
+        elif self.uses_controller and self.controller is None:
             self.controller = default_controller(model)
         if self.controller is not None:
             self.controller.to(device).eval().requires_grad_(False)
         self.embed = embed
 
     def state_dims(self) -> tuple[int, int]:
+        if self.by_attention:
+            return 1, 0  # per position: its decayed received attention
         c = self.controller
         return (c.cfg.score_dim + 1, c.cfg.hidden_dim) if c is not None else (0, 0)
 
-    def prefill_scores(self, cache, row, ids, pos):
+    def prefill_scores(self, cache, row, ids, pos, queries=None, keys=None):
+        if self.by_attention:  # the prompt's last token's attention over the prompt
+            P = len(ids)
+            k = torch.stack([kk[0] for kk in keys])[:, None]  # [L, 1, Hkv, P, D]
+            ok = torch.ones(1, P, dtype=torch.bool, device=pos.device)
+            cache.feat_at[row, :P, 0] = received_attention(queries, [k], [ok], self.scale)[0][0]
+            return self.received_scores(cache.feat_at[row : row + 1, :, 0], pos[-1:])
         query, feats = None, None
         if self.controller is not None:
             h = self.controller.run(self.embed(ids), pos)  # [P, H]: the GRU over the prompt
@@ -98,6 +150,9 @@ class AdorePolicy(Policy):
         return self.position_scores(feats, pos[-1:], query)
 
     def step_scores(self, cache, n, cur_tok, cur_pos):
+        if self.by_attention:  # the current token has received nothing yet (observe scores it)
+            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos, 0] = 0
+            return self.received_scores(cache.feat_at[:n, :, 0], cur_pos)
         query = None
         if self.controller is not None:
             h = self.controller.step(self.embed(cur_tok), cur_pos, cache.ctrl_h[:n])
@@ -106,15 +161,39 @@ class AdorePolicy(Policy):
             query = self.controller.query_features(h)
         return self.position_scores(cache.feat_at, cur_pos, query)
 
+    def observe(self, cache, n, cur_pos, queries, pos_scores):
+        """Scorer 'attention': fold this step's received attention into every cached and stored
+        token's decayed score; the cut then uses the updated scores."""
+        if not self.by_attention:
+            return pos_scores
+        d = self.cfg.score_decay
+        used = cache.used_slots(n)
+        keys, ok, where = [cache.k[:, :n, :, :used]], [cache.valid(n)[:, :used]], [cache.pos[:n, :used]]
+        if cache.store_k is not None:
+            keys.append(cache.store_k[:, :n, :, : cache.store_size])
+            ok.append(cache.stored(n))
+            where.append(cache.store_pos[:n, : cache.store_size])
+        got = received_attention(queries, keys, ok, self.scale)
+        e = cache.feat_at[:n, :, 0]
+        e.mul_(d)
+        for a, m, p in zip(got, ok, where):
+            e.scatter_add_(1, p.clamp(min=0), (1 - d) * a * m)
+        return self.received_scores(e, cur_pos)
+
     def choose_rebuild(self, cache, n, pos_scores):
         """The R best released positions (promote: only those beating the weakest cached token by
-        promote_margin); they are marked not released here, as they re-enter the cache this step."""
+        promote_margin); they are marked not released here, as they re-enter the cache this step.
+        With rebuild_source 'stored' only tokens still in the second tier can come back."""
         if self.rebuild == 0:
             return super().choose_rebuild(cache, n, pos_scores)
         valid = cache.valid(n)
         cached = pos_scores.gather(1, cache.pos[:n, : cache.capacity].clamp(min=0))
         cached_min = cached.masked_fill(~valid, float("inf")).min(1).values
-        rb_pos, rb_ok = self.pick_released(pos_scores, cache.released[:n], cached_min)
+        back = cache.released[:n]
+        if self.rebuild_source == "stored":
+            sp = cache.store_pos[:n, : cache.store_size]
+            back = torch.zeros_like(back).scatter_(1, sp.clamp(min=0), sp >= 0)
+        rb_pos, rb_ok = self.pick_released(pos_scores, back, cached_min)
         b, j = rb_ok.nonzero(as_tuple=True)
         cache.released[b, rb_pos[b, j]] = False
         return rb_pos, rb_ok
@@ -137,6 +216,33 @@ class AdorePolicy(Policy):
         ok = torch.isfinite(top.values)
         r = int(ok.sum(1).max()) if ok.any() else 0
         return top.indices[:, :r], ok[:, :r]
+
+
+def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
+                       scale: float) -> list[torch.Tensor]:
+    """The attention one query per sequence gives sets of keys, averaged over layers and heads.
+
+    Parameters
+    ----------
+    queries : [L, n, Hq, D] the query of every layer
+    keys : groups of keys [L, n, Hkv, N_g, D] (the cache's slots, the second tier's), softmaxed together
+    ok : per group [n, N_g] bool, which keys exist
+    scale : the model's softmax scale
+
+    Returns
+    -------
+    per group [n, N_g] float32: the mean over layers and query heads of each key's softmax weight
+    (0 where not ok); the groups of a row sum to 1.
+    """
+    L, n, Hq, D = queries.shape
+    G = Hq // keys[0].shape[2]
+    q = queries.reshape(L, n, -1, G, D).float()  # [L, n, Hkv, G, D]
+    total = 0
+    for i in range(L):  # one layer's logits at a time: [n, Hkv, G, sum N_g]
+        logits = torch.cat([torch.einsum("nhgd,nhkd->nhgk", q[i], k[i].float())
+                            .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
+        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2))
+    return list((total / (L * Hq)).split([m.shape[1] for m in ok], -1))
 
 
 def default_controller(model) -> Controller:

@@ -7,10 +7,15 @@ calls the same hooks for every policy and never asks which one it has (as a kvpr
 
     bind(model, embed, device)            once, before the cache is built (a learned scorer loads here)
     state_dims()                          per-position and per-row feature sizes the cache must hold
-    prefill_scores(cache, row, ids, pos)  scores of a new prompt's positions [1, P], or None
+    prefill_scores(cache, row, ids, pos, queries, keys)  scores of a new prompt's positions [1, P]
     step_scores(cache, n, cur_tok, cur_pos)  scores of every position for this step's tokens [n, P]
     choose_rebuild(cache, n, pos_scores)  released positions to rebuild [n, r] and their validity
+    observe(cache, n, cur_pos, queries, pos_scores)  after the layers: the scores the cut uses
     keep_scores(view)                     [n, C]: which cached slots to keep
+
+`queries` are the current token's queries of every layer ([L, n, Hq, D]), captured only for a policy
+whose `needs_queries` is set; `rebuild_source` says whether a rebuilt token's K/V comes back from the
+cache's second tier ("stored") or is computed again by running the token as a query row.
 
 Per-sequence values (controller features and state) live in rows of the engine's SlotCache, so
 sequences can join, leave and move between rows freely; the policy decides what goes there.
@@ -94,9 +99,31 @@ class Policy:
         """(features per position, state per row) the SlotCache keeps for this policy."""
         return 0, 0
 
-    def prefill_scores(self, cache, row: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        """A new prompt in `row`: ids [P], pos [P]. Scores of its positions for its last token [1, P]."""
+    @property
+    def needs_queries(self) -> bool:
+        """Whether the engine must capture the current token's queries for `observe`."""
+        return False
+
+    @property
+    def rebuild_source(self) -> str:
+        return "recompute"
+
+    @property
+    def store_size(self) -> int:
+        """Released tokens' K/V the cache keeps per sequence (its second tier)."""
+        return 0
+
+    def prefill_scores(self, cache, row: int, ids: torch.Tensor, pos: torch.Tensor,
+                       queries: torch.Tensor | None = None, keys: list | None = None) -> torch.Tensor | None:
+        """A new prompt in `row`: ids [P], pos [P]; with needs_queries also its last token's queries
+        [L, 1, Hq, D] and every layer's keys (L x [1, Hkv, P, D]). Scores of its positions [1, P]."""
         return None
+
+    def observe(self, cache, n: int, cur_pos: torch.Tensor, queries: torch.Tensor | None,
+                pos_scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Called after the layers ran this step's tokens; returns the scores [n, P] that decide the
+        cut (by default the step's own)."""
+        return pos_scores
 
     def step_scores(self, cache, n: int, cur_tok: torch.Tensor, cur_pos: torch.Tensor) -> torch.Tensor | None:
         """This step's current tokens cur_tok [n] at cur_pos [n]: scores of every position [n, P]."""
@@ -104,13 +131,20 @@ class Policy:
 
     def choose_rebuild(self, cache, n: int, pos_scores: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Released positions to run again beside the current token: positions [n, r], valid [n, r]."""
-        dev = cache.pos.device
-        return torch.zeros(n, 0, dtype=torch.long, device=dev), torch.zeros(n, 0, dtype=torch.bool, device=dev)
+        """Released positions to bring back: positions [n, r], valid [n, r]. Recomputed ones run as
+        query rows beside the current token (called before the layers); stored ones are copied back
+        from the second tier (called after the layers, with the scores `observe` returned)."""
+        return nothing_rebuilt(cache, n)
 
     def describe(self) -> dict:
         return {"policy": self.name, "cache_size": self.budget, "top_k": self.top_k,
                 "rebuild": self.rebuild}
+
+
+def nothing_rebuilt(cache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No rebuild this step: positions [n, 0], valid [n, 0]."""
+    dev = cache.pos.device
+    return torch.zeros(n, 0, dtype=torch.long, device=dev), torch.zeros(n, 0, dtype=torch.bool, device=dev)
 
 
 def recent(view: SlotView, n_recent: int) -> torch.Tensor:

@@ -61,27 +61,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_parts(args):
-    """(model, tokenizer, policy) from parsed `add_model_args` options."""
+    """(model, tokenizer, ModelInfo, policy) from parsed `add_model_args` options."""
     from .models import load_model
     from .policies import make_policy
 
     # validates the name and the numbers before the slow load
     policy = make_policy(args.policy, AdoreConfig(**knob_values(args)), args.controller)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok, info = load_model(args.model, dtype=args.dtype, device=args.device)
     if getattr(args, "adapter", None):
         from .train.finetune import apply_adapter
 
         if not os.path.isdir(args.adapter):
             raise UserError(f"adapter directory not found: {args.adapter}")
-        model = apply_adapter(model, args.adapter)
-    return model, tok, policy
+        model, info = apply_adapter(model, info, args.adapter)
+    return model, tok, info, policy
 
 
 def make_engine(args, parts, max_seq_len: int, max_batch: int = 1):
     from .engine import Engine
 
-    model, tok, policy = parts
-    return Engine(model, tok, policy, max_batch=max_batch, max_seq_len=args.max_seq_len or max_seq_len)
+    model, tok, info, policy = parts
+    return Engine(model, tok, policy, info=info, max_batch=max_batch,
+                  max_seq_len=args.max_seq_len or max_seq_len)
 
 
 def _read_file(path: str) -> str:

@@ -49,9 +49,9 @@ def prompt_ids(tok, n: int, seed: int) -> list[int]:
     return ids[start : start + n]
 
 
-def run_engine(model, tok, policy_name, mode, batch, max_len, prompt_len, cfg_kw):
+def run_engine(model, tok, info, policy_name, mode, batch, max_len, prompt_len, cfg_kw):
     cfg = AdoreConfig(rebuild_mode=mode, **cfg_kw)
-    eng = Engine(model, tok, make_policy(policy_name, cfg), max_batch=batch,
+    eng = Engine(model, tok, make_policy(policy_name, cfg), info=info, max_batch=batch,
                  max_seq_len=prompt_len + max_len + 2)
     for b in range(batch):
         eng.add_request(prompt_ids(tok, prompt_len, b), SamplingParams(max_tokens=max_len, ignore_eos=True))
@@ -132,7 +132,7 @@ def main():
     ap.add_argument("--out", default="bench/results/cpu_decode.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok, info = load_model(args.model)
     lengths = [L for L in (32, 64, 128, 256, 512, 1024, 2048, 4096) if L <= args.max_len]
     cfg_kw = dict(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild)
     results = []
@@ -155,7 +155,7 @@ def main():
             if pol is None:
                 times, extra = run_transformers(model, tok, batch, args.max_len, args.prompt_len)
             else:
-                times, extra = run_engine(model, tok, pol, mode, batch, args.max_len, args.prompt_len, cfg_kw)
+                times, extra = run_engine(model, tok, info, pol, mode, batch, args.max_len, args.prompt_len, cfg_kw)
             rows = 1 + extra.get("rebuilt_per_seq_step", 0.0)
             bounded = pol not in (None, "full")
             per_len = summarize(times, lengths, batch)

@@ -71,10 +71,11 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, n), generator=g).tolist()
 
 
-def run_engine(model, method, batch, length, args):
+def run_engine(lm, method, batch, length, args):
+    model, tok, info = lm
     cfg = AdoreConfig(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild,
                       rebuild_mode=args.rebuild_mode)
-    eng = Engine(model, model.adore_tok, make_policy(method, cfg), max_batch=batch,
+    eng = Engine(model, tok, make_policy(method, cfg), info=info, max_batch=batch,
                  max_seq_len=args.prompt_len + length + 2, cuda_graphs=not args.no_graphs)
     for p in prompts(batch, args.prompt_len, model.config.vocab_size):
         eng.add_request(p, SamplingParams(max_tokens=length, ignore_eos=True))
@@ -118,8 +119,10 @@ def run_transformers(model, batch, length, args):
     return s[0] - t0, [b - a for a, b in zip(s, s[1:])], {}, None
 
 
-def measure(model, method, length, args, bw, weight_bytes):
-    """One (method, length) cell at the largest batch that fits; halves the batch on OOM."""
+def measure(lm, method, length, args, bw, weight_bytes):
+    """One (method, length) cell at the largest batch that fits; halves the batch on OOM.
+    lm: (model, tokenizer, ModelInfo) from load_model."""
+    model = lm[0]
     bounded = method in ENGINE_METHODS and method != "full"
     slots = args.cache_size + (args.rebuild if method.startswith("adore") else 0) + 2
     tokens = slots if bounded else args.prompt_len + length + 2
@@ -136,7 +139,7 @@ def measure(model, method, length, args, bw, weight_bytes):
             if method == "transformers":
                 t_pre, steps, stats, _ = run_transformers(model, batch, length, args)
             else:
-                t_pre, steps, stats, _ = run_engine(model, method, batch, length, args)
+                t_pre, steps, stats, _ = run_engine(lm, method, batch, length, args)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -183,8 +186,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_throughput.py needs a CUDA GPU (see bench/cpu_decode.py for the CPU benchmark)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
-    model.adore_tok = tok
+    lm = load_model(args.model, dtype="bfloat16", device="cuda")
+    model = lm[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.1f} GB",
@@ -195,7 +198,7 @@ def main():
         for length in ([max(args.lengths)] if bounded else args.lengths):
             t0 = time.perf_counter()
             try:
-                r = measure(model, method, length, args, bw, weight_bytes)
+                r = measure(lm, method, length, args, bw, weight_bytes)
             except Exception as e:  # record and go on: one failure must not lose the other cells
                 r = {"method": method, "gen_len": length, "error": f"{type(e).__name__}: {e}"[:500]}
             r["wall_s"] = time.perf_counter() - t0

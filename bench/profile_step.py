@@ -40,9 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
-    model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
+    model, tok, info = load_model(args.model, dtype="bfloat16", device="cuda")
     cfg = AdoreConfig(top_k=args.top_k, rebuild_mode=args.rebuild_mode)
-    eng = Engine(model, tok, make_policy(args.method, cfg), max_batch=args.batch,
+    eng = Engine(model, tok, make_policy(args.method, cfg), info=info, max_batch=args.batch,
                  max_seq_len=args.history + 2 * args.steps + 16, cuda_graphs=not args.no_graphs)
     g = torch.Generator().manual_seed(0)
     for p in torch.randint(3, model.config.vocab_size, (args.batch, 32), generator=g).tolist():

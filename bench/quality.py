@@ -64,12 +64,12 @@ def parse_spec(spec: str, base: AdoreConfig) -> tuple[str, AdoreConfig, dict]:
 def model_for(args, adapter: str | None):
     key = adapter or ""
     if key not in _MODELS:
-        model, tok = load_model(args.model)
+        model, tok, info = load_model(args.model)
         if adapter:
             from adore.train.finetune import apply_adapter
 
-            model = apply_adapter(model, adapter)
-        _MODELS[key] = (model, tok)
+            model, info = apply_adapter(model, info, adapter)
+        _MODELS[key] = (model, tok, info)
     return _MODELS[key]
 
 
@@ -80,13 +80,13 @@ def engine_for(args, spec: str, max_batch: int, max_seq_len: int) -> Engine:
         from adore.controller import Controller
 
         ctrl = Controller.load(extra["controller"])
-    model, tok = model_for(args, extra.get("adapter", args.adapter))
+    model, tok, info = model_for(args, extra.get("adapter", args.adapter))
     pol = make_policy("full" if name == "oracle" else name, cfg, ctrl)
-    return Engine(model, tok, pol, max_batch=max_batch, max_seq_len=max_seq_len)
+    return Engine(model, tok, pol, info=info, max_batch=max_batch, max_seq_len=max_seq_len)
 
 
 def held_out_ids(args) -> list[int]:
-    _, tok = model_for(args, None)
+    _, tok, _ = model_for(args, None)
     with open(args.text_file, encoding="utf-8") as f:
         return tok.encode(f.read(), add_special_tokens=False)
 

@@ -33,7 +33,7 @@ def measure(args) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
     text = open(args.text, encoding="utf-8").read()
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -45,7 +45,7 @@ def measure(args) -> dict:
     for policy in args.policies.split(","):
         t0 = time.time()
         cfg = AdoreConfig(cache_size=args.cache_size, top_k=top_k, rebuild=args.rebuild)
-        recs, _ = answer(model, tok, lambda p=policy, c=cfg: make_policy(p, c), samples, args.batch)
+        recs, _ = answer(model, tok, info, lambda p=policy, c=cfg: make_policy(p, c), samples, args.batch)
         bounded = policy != "full"
         rows.append({"task": "retrieval", "model": args.model, "dtype": args.dtype, "policy": policy,
                      "cache_size": args.cache_size if bounded else None,

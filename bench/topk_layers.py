@@ -42,7 +42,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = load_model("smollm2-135m")
+    model, tok, _ = load_model("smollm2-135m")
     ids = tok.encode(open(args.text_file, encoding="utf-8").read(), add_special_tokens=False)
     prompts = torch.tensor(spread_spans(ids, args.prompts, args.prompt_len, name=args.text_file))
     with torch.no_grad():  # the model's own dense greedy text: what it attends over when it generates

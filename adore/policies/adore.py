@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..controller import Controller
+from ..models import ModelInfo
 from .base import BIG, Policy, SlotView
 
 
@@ -76,9 +77,9 @@ class AdorePolicy(Policy):
         return view.pos_scores.gather(1, view.pos.clamp(min=0))
 
     # -- engine hooks (see base.py) ---------------------------------------------------------
-    def bind(self, model, embed, device) -> None:
+    def bind(self, model, info: ModelInfo, embed, device) -> None:
         if self.uses_controller and self.controller is None:
-            self.controller = default_controller(model)
+            self.controller = default_controller(model, info)
         if self.controller is not None:
             self.controller.to(device).eval().requires_grad_(False)
         self.embed = embed
@@ -139,13 +140,13 @@ class AdorePolicy(Policy):
         return top.indices[:, :r], ok[:, :r]
 
 
-def default_controller(model) -> Controller:
-    """The shipped trained controller for this model if there is one, else a fresh one initialised
-    from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
+def default_controller(model, info: ModelInfo) -> Controller:
+    """The trained controller shipped for the model (by its ModelInfo) if there is one, else a fresh
+    one initialised from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
     from ..assets import find_controller
     from ..controller import ControllerConfig
 
-    path = find_controller(model)
+    path = find_controller(info)
     if path is not None:
         return Controller.load(str(path))
     with torch.random.fork_rng(devices=[]):

@@ -28,10 +28,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def add_knob_args(g) -> None:
-    """One flag per AdoreConfig field (--cache-size, --top-k, ...): type, default, choices and help
-    come from the dataclass, so a new knob needs no change here."""
+def add_knob_args(g, names: tuple[str, ...] | None = None) -> None:
+    """One flag per AdoreConfig field (--cache-size, --top-k, ...), or per field in `names`: type,
+    default, choices and help come from the dataclass, so a new knob needs no change here."""
     for f in fields(AdoreConfig):
+        if names is not None and f.name not in names:
+            continue
+
         def parse(s, f=f):
             try:
                 return parse_field(f, s)
@@ -41,7 +44,8 @@ def add_knob_args(g) -> None:
         choices = f.metadata.get("choices")
         g.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default, choices=choices,
                        metavar="{" + ",".join(choices) + "}" if choices else None,
-                       help=f"{f.metadata['help']} (default {f.default})")
+                       # %(default)s: the parser's default, also where a script changed it (set_defaults)
+                       help=f"{f.metadata['help']} (default %(default)s)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

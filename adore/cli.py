@@ -28,10 +28,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def add_knob_args(g) -> None:
-    """One flag per AdoreConfig field (--cache-size, --top-k, ...): type, default, choices and help
-    come from the dataclass, so a new knob needs no change here."""
+def add_knob_args(g, names: tuple[str, ...] | None = None) -> None:
+    """One flag per AdoreConfig field (--cache-size, --top-k, ...), or per field in `names`: type,
+    default, choices and help come from the dataclass, so a new knob needs no change here."""
     for f in fields(AdoreConfig):
+        if names is not None and f.name not in names:
+            continue
+
         def parse(s, f=f):
             try:
                 return parse_field(f, s)
@@ -41,7 +44,8 @@ def add_knob_args(g) -> None:
         choices = f.metadata.get("choices")
         g.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default, choices=choices,
                        metavar="{" + ",".join(choices) + "}" if choices else None,
-                       help=f"{f.metadata['help']} (default {f.default})")
+                       # %(default)s: the parser's default, also where a script changed it (set_defaults)
+                       help=f"{f.metadata['help']} (default %(default)s)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,27 +65,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_parts(args):
-    """(model, tokenizer, policy) from parsed `add_model_args` options."""
+    """(model, tokenizer, ModelInfo, policy) from parsed `add_model_args` options."""
     from .models import load_model
     from .policies import make_policy
 
     # validates the name and the numbers before the slow load
     policy = make_policy(args.policy, AdoreConfig(**knob_values(args)), args.controller)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok, info = load_model(args.model, dtype=args.dtype, device=args.device)
     if getattr(args, "adapter", None):
         from .train.finetune import apply_adapter
 
         if not os.path.isdir(args.adapter):
             raise UserError(f"adapter directory not found: {args.adapter}")
-        model = apply_adapter(model, args.adapter)
-    return model, tok, policy
+        model, info = apply_adapter(model, info, args.adapter)
+    return model, tok, info, policy
 
 
 def make_engine(args, parts, max_seq_len: int, max_batch: int = 1):
     from .engine import Engine
 
-    model, tok, policy = parts
-    return Engine(model, tok, policy, max_batch=max_batch, max_seq_len=args.max_seq_len or max_seq_len)
+    model, tok, info, policy = parts
+    return Engine(model, tok, policy, info=info, max_batch=max_batch,
+                  max_seq_len=args.max_seq_len or max_seq_len)
 
 
 def _read_file(path: str) -> str:

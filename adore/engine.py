@@ -1,6 +1,7 @@
 """Batched decoding with continuous batching over a static pool of sequence rows.
 
-    engine = Engine(model, tokenizer, make_policy("adore"), max_batch=8, max_seq_len=4096)
+    model, tokenizer, info = load_model("smollm2-135m")
+    engine = Engine(model, tokenizer, make_policy("adore"), info=info, max_batch=8, max_seq_len=4096)
     rid = engine.add_request("Once upon a time", SamplingParams(max_tokens=64))
     while engine.has_work():
         for out in engine.step():          # StepOutput: request_id, token_id, text, finished, ...
@@ -36,6 +37,7 @@ import torch
 from .attention import decoder_parts, forward_prompt, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
 from .config import SamplingParams, UserError
+from .models import ModelInfo
 from .policies import Policy, SlotView, select_keep
 from .policies.base import nothing_rebuilt
 from .sampling import Detokenizer, make_generator, pick_token
@@ -78,18 +80,22 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, policy: Policy, *, max_batch: int = 8, max_seq_len: int = 4096,
-                 cuda_graphs: bool | None = None, pack_rows: bool = True) -> None:
+    def __init__(self, model, tokenizer, policy: Policy, *, info: ModelInfo | None = None, max_batch: int = 8,
+                 max_seq_len: int = 4096, cuda_graphs: bool | None = None, pack_rows: bool = True) -> None:
+        """info: the model's ModelInfo from adore.models.load_model (or apply_adapter), which picks
+        the default controller and the prefill's attention; None: a model of no known name without
+        an adapter (a fresh controller, dense prefill)."""
         if max_batch < 1 or max_seq_len < 2:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
-        self.model, self.tok, self.policy = model, tokenizer, policy
+        info = info if info is not None else ModelInfo()
+        self.model, self.tok, self.policy, self.info = model, tokenizer, policy, info
         self.pack_rows = pack_rows  # eager steps run linears on live rows only (attention.forward_slots)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         cfg = model.config
         self.device = next(model.parameters()).device
         self.embed, _, _, self.lm_head, _ = decoder_parts(model)
         self.vocab_size = cfg.vocab_size
-        policy.bind(model, self.embed, self.device)  # a learned policy loads its scorer here
+        policy.bind(model, info, self.embed, self.device)  # a learned policy loads its scorer here
         self.controller = getattr(policy, "controller", None)  # for reports (bench/quality.py)
         feat_dim, ctrl_dim = policy.state_dims()
         # AutoTP shards heads across ranks: take local head counts from the (sharded) weights.
@@ -120,8 +126,7 @@ class Engine:
         # A model fine-tuned under top-K attention (an `adore finetune` adapter) saw top-K in every
         # position in training, so its prompt is read under top-K too: a dense prefill would feed
         # the decode KV states the adapter never produced in training.
-        tuned = (getattr(model, "adore_finetune", None) or {}).get("config", {}).get("top_k")
-        self.prefill_top_k = policy.top_k if tuned is not None else None
+        self.prefill_top_k = policy.top_k if info.tuned_top_k is not None else None
         self.requests: dict[str, _Request] = {}
         self.waiting: deque[str] = deque()
         self.rows: list[str] = []  # request id of each active row, rows packed at [0, n)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,23 @@ RANDOM_SHAPES: dict[str, dict] = {
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
                        max_position_embeddings=4096),
 }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a loaded model beyond its weights, passed to whoever decides by it (the
+    transformers model carries no attributes of ours).
+
+    name:        "smollm2-135m", "random:<shape>" or a checkpoint directory's base name; picks the
+                 controller shipped for the model (adore.assets.find_controller). None: a model from
+                 elsewhere, which has none.
+    tuned_top_k: the top-K attention an adapter merged into the weights was trained under
+                 (adore.train.finetune.apply_adapter); None: no adapter, or one trained dense. Such a
+                 model reads its prompts under top-K too (Engine.prefill_top_k).
+    """
+
+    name: str | None = None
+    tuned_top_k: int | None = None
 
 
 class ByteTokenizer:
@@ -137,7 +155,8 @@ def _random_model(shape: str, dtype: torch.dtype, device: str, seed: int):
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0):
-    """Load (model, tokenizer). `name`: "smollm2-135m", "random:<shape>" or a checkpoint directory."""
+    """Load (model, tokenizer, ModelInfo). `name`: "smollm2-135m", "random:<shape>" or a checkpoint
+    directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -161,5 +180,5 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
         if model.config.model_type not in SUPPORTED_TYPES:
             raise UserError(f"model type {model.config.model_type!r} is not Llama-family")
     model.eval().requires_grad_(False)
-    model.adore_name = name if not os.path.isdir(name) else os.path.basename(os.path.normpath(name))
-    return model, tok
+    info = ModelInfo(name=name if not os.path.isdir(name) else os.path.basename(os.path.normpath(name)))
+    return model, tok, info

@@ -130,12 +130,12 @@ def score(sample: Sample, output: str) -> float:
     return float(all(found))
 
 
-def answer(model, tok, make_policy, samples: list[Sample], batch: int) -> tuple[list[dict], dict]:
+def answer(model, tok, info, make_policy, samples: list[Sample], batch: int) -> tuple[list[dict], dict]:
     """Answer every sample greedily, one engine per asked length (its rows sized for it).
 
-    make_policy() gives a fresh policy for each engine. Returns the mean score of each (task, asked
-    length, depth) as records {"task", "length", "depth", "acc", "n"}, and the engines' summed
-    counters (steps, released, rebuilt)."""
+    info: the model's ModelInfo (adore.models.load_model); make_policy() gives a fresh policy for
+    each engine. Returns the mean score of each (task, asked length, depth) as records {"task",
+    "length", "depth", "acc", "n"}, and the engines' summed counters (steps, released, rebuilt)."""
     from collections import defaultdict
 
     from .config import SamplingParams
@@ -145,7 +145,7 @@ def answer(model, tok, make_policy, samples: list[Sample], batch: int) -> tuple[
     stats = {"steps": 0, "released": 0, "rebuilt": 0}
     for n in sorted({s.target for s in samples}):
         group = [s for s in samples if s.target == n]
-        engine = Engine(model, tok, make_policy(), max_batch=min(batch, len(group)),
+        engine = Engine(model, tok, make_policy(), info=info, max_batch=min(batch, len(group)),
                         max_seq_len=max(len(s.prompt_ids) for s in group) + MAX_ANSWER_TOKENS)
         outs = engine.generate([s.prompt_ids for s in group], SamplingParams(max_tokens=MAX_ANSWER_TOKENS))
         for s, o in zip(group, outs):

@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
+from adore.attention import head_dim  # noqa: E402
+from adore.cli import add_knob_args  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
@@ -49,9 +53,9 @@ def prompt_ids(tok, n: int, seed: int) -> list[int]:
     return ids[start : start + n]
 
 
-def run_engine(model, tok, policy_name, mode, batch, max_len, prompt_len, cfg_kw):
-    cfg = AdoreConfig(rebuild_mode=mode, **cfg_kw)
-    eng = Engine(model, tok, make_policy(policy_name, cfg), max_batch=batch,
+def run_engine(model, tok, info, policy_name, mode, batch, max_len, prompt_len, cfg: AdoreConfig):
+    cfg = replace(cfg, rebuild_mode=mode)  # the method's mode (METHODS) wins over --rebuild-mode
+    eng = Engine(model, tok, make_policy(policy_name, cfg), info=info, max_batch=batch,
                  max_seq_len=prompt_len + max_len + 2)
     for b in range(batch):
         eng.add_request(prompt_ids(tok, prompt_len, b), SamplingParams(max_tokens=max_len, ignore_eos=True))
@@ -97,7 +101,7 @@ def arithmetic(model, rows: float, kv_tokens: float, batch: int) -> dict:
     """Per decode step: FLOPs of the linear layers and attention, and bytes that must be read."""
     c = model.config
     params = sum(p.numel() for p in model.parameters())
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hd = head_dim(c)
     linear_flops = 2 * params * rows * batch
     attn_flops = 4 * c.num_hidden_layers * c.num_attention_heads * hd * kv_tokens * rows * batch
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * hd * 4 * kv_tokens * batch
@@ -125,23 +129,22 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--cache-size", type=int, default=192)
-    ap.add_argument("--top-k", type=int, default=96)
-    ap.add_argument("--rebuild", type=int, default=8)
+    add_knob_args(ap.add_argument_group("method (--rebuild-mode: the methods set their own)"))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="bench/results/cpu_decode.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok, info = load_model(args.model)
     lengths = [L for L in (32, 64, 128, 256, 512, 1024, 2048, 4096) if L <= args.max_len]
-    cfg_kw = dict(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild)
+    cfg = AdoreConfig(**knob_values(args))
     results = []
 
     def save():  # after every run, so that an interrupted benchmark keeps what it measured
         meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "dtype": "float32",
                 "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "config": {**cfg_kw, "promote_margin": AdoreConfig().promote_margin},
+                # the rebuild mode is each method's own (METHODS)
+                "config": {k: v for k, v in knob_values(args).items() if k != "rebuild_mode"},
                 "loadavg_at_end": open("/proc/loadavg").read().split()[:3]}
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
@@ -155,7 +158,7 @@ def main():
             if pol is None:
                 times, extra = run_transformers(model, tok, batch, args.max_len, args.prompt_len)
             else:
-                times, extra = run_engine(model, tok, pol, mode, batch, args.max_len, args.prompt_len, cfg_kw)
+                times, extra = run_engine(model, tok, info, pol, mode, batch, args.max_len, args.prompt_len, cfg)
             rows = 1 + extra.get("rebuilt_per_seq_step", 0.0)
             bounded = pol not in (None, "full")
             per_len = summarize(times, lengths, batch)

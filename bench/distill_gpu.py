@@ -63,13 +63,14 @@ def held_out_prompts(tok, path: str, n: int, span: int) -> list[list[int]]:
         return spread_spans(tok.encode(f.read(), add_special_tokens=False), n, span, name=path)
 
 
-def evaluate(model, tok, spec: str, prompts, ref_ids, max_new: int) -> dict:
-    """Teacher-forced agreement with full's continuation, then the policy's own greedy text."""
+def evaluate(model, tok, info, spec: str, prompts, ref_ids, max_new: int) -> dict:
+    """Teacher-forced agreement with full's continuation, then the policy's own greedy text (info: the
+    model's ModelInfo, which picks the shipped controller and, after an adapter, the top-K prefill)."""
     name, _, opt = spec.partition(":")
     cfg = AdoreConfig(cache_size=192, top_k=None if opt == "top_k=none" else 96)
     n, L = len(prompts), len(prompts[0]) + max_new + 1
     t0 = time.perf_counter()
-    eng = Engine(model, tok, make_policy(name, cfg), max_batch=n, max_seq_len=L)
+    eng = Engine(model, tok, make_policy(name, cfg), info=info, max_batch=n, max_seq_len=L)
     rids = [eng.add_request(p, SamplingParams(forced_tokens=r)) for p, r in zip(prompts, ref_ids)]
     while eng.has_work():
         eng.step()
@@ -80,7 +81,7 @@ def evaluate(model, tok, spec: str, prompts, ref_ids, max_new: int) -> dict:
         h = eng.result(rid).top1
         hits.append(h)
         first.append(next((i for i, x in enumerate(h) if not x), len(h)))
-    eng = Engine(model, tok, make_policy(name, cfg), max_batch=n, max_seq_len=L)
+    eng = Engine(model, tok, make_policy(name, cfg), info=info, max_batch=n, max_seq_len=L)
     outs = eng.generate(prompts, SamplingParams(max_tokens=max_new, ignore_eos=True))
     texts = [o.text for o in outs]
     late = [x for h in hits for x in h[start:]]
@@ -154,11 +155,11 @@ def main() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model, tok = load_model("smollm2-135m", device=args.device)
+    model, tok, info = load_model("smollm2-135m", device=args.device)
     results["device"] = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     prompts = held_out_prompts(tok, args.heldout, args.prompts, 128)
     if "full" not in results:
-        eng = Engine(model, tok, make_policy("full", AdoreConfig()), max_batch=len(prompts),
+        eng = Engine(model, tok, make_policy("full", AdoreConfig()), info=info, max_batch=len(prompts),
                      max_seq_len=129 + args.max_new)
         outs = eng.generate(prompts, SamplingParams(max_tokens=args.max_new, ignore_eos=True))
         results["full"] = {"texts": [o.text for o in outs], "token_ids": [o.token_ids for o in outs]}
@@ -166,7 +167,7 @@ def main() -> None:
     ref = results["full"]
     for spec in ("adore", "adore:top_k=none", "sink", "h2o"):
         if spec not in results or spec == "adore" and "top1_all" not in results[spec]:
-            r = evaluate(model, tok, spec, prompts, ref["token_ids"], args.max_new)
+            r = evaluate(model, tok, info, spec, prompts, ref["token_ids"], args.max_new)
             r["bleu"] = round(corpus_bleu(r["texts"], ref["texts"]), 2)
             results[spec] = r
             save()
@@ -191,7 +192,7 @@ def main() -> None:
             data["books"] = segments(tok, texts, 128 + args.max_new)
         seqs = data["self"] + data["books"] if v["data"] == "mix" else data[v["data"]]
         torch.backends.cuda.matmul.allow_tf32 = True
-        base, _ = load_model("smollm2-135m", device=args.device)
+        base = load_model("smollm2-135m", device=args.device)[0]
         cfg = FinetuneConfig(top_k=96, seq_len=128 + args.max_new, steps=v["steps"], batch=v["batch"], lr=v["lr"],
                              lora_r=v["r"], lora_alpha=2 * v["r"], quantize=False, seed=v["seed"],
                              distill=True, hard=v["hard"])
@@ -203,8 +204,8 @@ def main() -> None:
                               meta={"model": "smollm2-135m", "variant": spec, "train_seqs": len(seqs)})
         torch.backends.cuda.matmul.allow_tf32 = False
         del base
-        merged = apply_adapter(load_model("smollm2-135m", device=args.device)[0], adir)
-        r = evaluate(merged, tok, "adore", prompts, ref["token_ids"], args.max_new)
+        merged, merged_info = apply_adapter(load_model("smollm2-135m", device=args.device)[0], info, adir)
+        r = evaluate(merged, tok, merged_info, "adore", prompts, ref["token_ids"], args.max_new)
         r.update(bleu=round(corpus_bleu(r["texts"], ref["texts"]), 2), variant=v, train_seconds=rep["seconds"],
                  loss_first=rep["loss_first"], loss_last10=rep["loss_last10"], train_seqs=len(seqs))
         results[key] = r

@@ -31,6 +31,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
+from adore.attention import head_dim  # noqa: E402
+from adore.cli import add_knob_args  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
@@ -55,8 +58,7 @@ def copy_bandwidth(dev) -> float:
 
 
 def kv_bytes_per_token(cfg, dtype_bytes=2) -> int:
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * dtype_bytes
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim(cfg) * dtype_bytes
 
 
 def fit_batch(model, tokens_per_seq: int, cap: int, headroom: float, extra_per_seq: int = 0) -> int:
@@ -71,10 +73,9 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, n), generator=g).tolist()
 
 
-def run_engine(model, method, batch, length, args):
-    cfg = AdoreConfig(cache_size=args.cache_size, top_k=args.top_k, rebuild=args.rebuild,
-                      rebuild_mode=args.rebuild_mode)
-    eng = Engine(model, model.adore_tok, make_policy(method, cfg), max_batch=batch,
+def run_engine(lm, method, batch, length, args):
+    model, tok, info = lm
+    eng = Engine(model, tok, make_policy(method, AdoreConfig(**knob_values(args))), info=info, max_batch=batch,
                  max_seq_len=args.prompt_len + length + 2, cuda_graphs=not args.no_graphs)
     for p in prompts(batch, args.prompt_len, model.config.vocab_size):
         eng.add_request(p, SamplingParams(max_tokens=length, ignore_eos=True))
@@ -118,8 +119,10 @@ def run_transformers(model, batch, length, args):
     return s[0] - t0, [b - a for a, b in zip(s, s[1:])], {}, None
 
 
-def measure(model, method, length, args, bw, weight_bytes):
-    """One (method, length) cell at the largest batch that fits; halves the batch on OOM."""
+def measure(lm, method, length, args, bw, weight_bytes):
+    """One (method, length) cell at the largest batch that fits; halves the batch on OOM.
+    lm: (model, tokenizer, ModelInfo) from load_model."""
+    model = lm[0]
     bounded = method in ENGINE_METHODS and method != "full"
     slots = args.cache_size + (args.rebuild if method.startswith("adore") else 0) + 2
     tokens = slots if bounded else args.prompt_len + length + 2
@@ -136,7 +139,7 @@ def measure(model, method, length, args, bw, weight_bytes):
             if method == "transformers":
                 t_pre, steps, stats, _ = run_transformers(model, batch, length, args)
             else:
-                t_pre, steps, stats, _ = run_engine(model, method, batch, length, args)
+                t_pre, steps, stats, _ = run_engine(lm, method, batch, length, args)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -168,10 +171,7 @@ def main():
     ap.add_argument("--methods", default="adore,window,h2o,full,transformers")
     ap.add_argument("--lengths", default="512,1024,2048,4096")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--cache-size", type=int, default=192)
-    ap.add_argument("--top-k", type=int, default=96)
-    ap.add_argument("--rebuild", type=int, default=8)
-    ap.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
+    add_knob_args(ap.add_argument_group("method"))
     ap.add_argument("--max-batch", type=int, default=512)
     ap.add_argument("--headroom", type=float, default=0.15, help="share of free memory kept back")
     ap.add_argument("--act-bytes-per-seq", type=int, default=4 << 20, help="activation allowance per sequence")
@@ -183,8 +183,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_throughput.py needs a CUDA GPU (see bench/cpu_decode.py for the CPU benchmark)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
-    model.adore_tok = tok
+    lm = load_model(args.model, dtype="bfloat16", device="cuda")
+    model = lm[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.1f} GB",
@@ -195,7 +195,7 @@ def main():
         for length in ([max(args.lengths)] if bounded else args.lengths):
             t0 = time.perf_counter()
             try:
-                r = measure(model, method, length, args, bw, weight_bytes)
+                r = measure(lm, method, length, args, bw, weight_bytes)
             except Exception as e:  # record and go on: one failure must not lose the other cells
                 r = {"method": method, "gen_len": length, "error": f"{type(e).__name__}: {e}"[:500]}
             r["wall_s"] = time.perf_counter() - t0
@@ -209,8 +209,7 @@ def main():
     meta = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "model": args.model, "dtype": "bfloat16", "copy_bw_Bps": bw,
             "weight_bytes": weight_bytes, "cuda_graphs": not args.no_graphs, "date": time.strftime("%Y-%m-%d"),
-            "config": {k: getattr(args, k) for k in ("cache_size", "top_k", "rebuild", "rebuild_mode",
-                                                     "prompt_len", "max_batch")}}
+            "config": {**knob_values(args), "prompt_len": args.prompt_len, "max_batch": args.max_batch}}
     out = {"runs": []}
     if args.append and os.path.exists(args.out):
         out = json.load(open(args.out))

@@ -42,9 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adore.cli import add_knob_args  # noqa: E402
+from adore.config import AdoreConfig, knob_values  # noqa: E402
 from adore.loadgen import free_port, run_clients  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -53,13 +56,14 @@ GiB = 1 << 30
 
 # -- sizing ------------------------------------------------------------------------------------------
 def model_shapes(model: str) -> dict:
+    from adore.attention import head_dim
     from adore.models import RANDOM_SHAPES
 
     if not model.startswith("random:"):
         raise SystemExit("multi_gpu.py sizes batches from random:<shape> models; give one (e.g. random:llama2-7b)")
     s = dict(RANDOM_SHAPES[model.split(":", 1)[1]])
     s.setdefault("num_key_value_heads", s["num_attention_heads"])
-    s["head_dim"] = s.get("head_dim") or s["hidden_size"] // s["num_attention_heads"]
+    s["head_dim"] = head_dim(SimpleNamespace(**s))  # the library's rule, read from the shape as a config
     return s
 
 
@@ -73,12 +77,10 @@ def weight_bytes(s: dict, dtype_bytes: int) -> int:
 def slots_per_seq(policy: str, a) -> int:
     """KV slots the engine allocates per sequence: the policy's capacity plus SlotCache's trash slot."""
     from adore.cache import SlotCache
-    from adore.config import AdoreConfig
     from adore.policies import make_policy
 
-    cfg = AdoreConfig(cache_size=a.cache_size, top_k=a.top_k, rebuild=a.rebuild, rebuild_mode=a.rebuild_mode)
     max_seq_len = a.prompt_tokens + a.tokens + 8  # run_layout's
-    return SlotCache.slots_allocated(make_policy(policy, cfg).capacity(max_seq_len))
+    return SlotCache.slots_allocated(make_policy(policy, AdoreConfig(**knob_values(a))).capacity(max_seq_len))
 
 
 def fit_batch(policy: str, a, gpu_bytes: int) -> tuple[int, int]:
@@ -121,9 +123,8 @@ def check_tp_tokens(a) -> dict:
     from workers import ShardGroup
     from workers.spec import EngineSpec
 
-    spec = EngineSpec(model=a.model, policy="adore", cache_size=a.cache_size, top_k=a.top_k, rebuild=a.rebuild,
-                      dtype=a.check_dtype, device=a.device, max_batch=a.check_prompts,
-                      max_seq_len=a.prompt_tokens + a.check_tokens + 8, threads=a.threads)
+    spec = EngineSpec(model=a.model, policy="adore", **knob_values(a), dtype=a.check_dtype, device=a.device,
+                      max_batch=a.check_prompts, max_seq_len=a.prompt_tokens + a.check_tokens + 8, threads=a.threads)
     ps = prompts(a.check_prompts, a.prompt_tokens)
     out = {}
     for tp in (1, 2):
@@ -179,8 +180,7 @@ def run_layout(a, policy: str, layout: str, per_gpu: int, base: str) -> tuple[di
             # exactly the engine's rows: with more, Serve's router can give one replica extra requests
             # that wait a whole generation while the other replica has free rows
             "max_ongoing_requests": per_replica,
-            "max_seq_len": a.prompt_tokens + a.tokens + 8, "cache_size": a.cache_size, "top_k": a.top_k,
-            "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode, "dtype": a.dtype, "device": a.device,
+            "max_seq_len": a.prompt_tokens + a.tokens + 8, **knob_values(a), "dtype": a.dtype, "device": a.device,
             "cpus_per_rank": a.cpus_per_rank, "threads": a.threads, "stream_interval_s": a.stream_interval}
     model = ServeArgs.parse(args).model_id(policy)
     t0 = time.perf_counter()
@@ -307,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="cap on sequences per GPU")
     p.add_argument("--headroom", type=float, default=0.08, help="share of GPU memory kept back")
     p.add_argument("--reserve-gib", type=float, default=6.0, help="activations, graphs, workspaces per GPU")
-    p.add_argument("--cache-size", type=int, default=192)
-    p.add_argument("--top-k", type=int, default=96)
-    p.add_argument("--rebuild", type=int, default=8)
-    p.add_argument("--rebuild-mode", default="promote")
+    add_knob_args(p.add_argument_group("method"))
     p.add_argument("--stream-interval", type=float, default=0.5,
                    help="seconds between a request's stream chunks (first at once): cluster stream_interval_s")
     p.add_argument("--cpus-per-rank", type=float, default=2.0)
@@ -346,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": a.model, "dtype": a.dtype, "tokens": a.tokens,
            "prompt_tokens": a.prompt_tokens, "stream_interval_s": a.stream_interval,
-           "method": {"cache_size": a.cache_size, "top_k": a.top_k,
-                                                        "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode},
+           "method": knob_values(a),
            "gpu": {"count": n_gpu, "name": gpu_name, "memory_gib": round(gpu_bytes / GiB, 1)},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "nccl_env": env, "runs": [], "agreement": {}, "tp_check": None}

@@ -20,6 +20,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
+from adore.cli import add_knob_args  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
@@ -32,17 +34,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--history", type=int, default=1024, help="tokens each sequence holds when profiled")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rebuild-mode", default="promote", choices=["promote", "every"])
-    ap.add_argument("--top-k", type=lambda v: None if v.lower() == "none" else int(v), default=96)
+    add_knob_args(ap.add_argument_group("method"))
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--rows", type=int, default=25, help="table rows to print")
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
-    model, tok = load_model(args.model, dtype="bfloat16", device="cuda")
-    cfg = AdoreConfig(top_k=args.top_k, rebuild_mode=args.rebuild_mode)
-    eng = Engine(model, tok, make_policy(args.method, cfg), max_batch=args.batch,
+    model, tok, info = load_model(args.model, dtype="bfloat16", device="cuda")
+    cfg = AdoreConfig(**knob_values(args))
+    eng = Engine(model, tok, make_policy(args.method, cfg), info=info, max_batch=args.batch,
                  max_seq_len=args.history + 2 * args.steps + 16, cuda_graphs=not args.no_graphs)
     g = torch.Generator().manual_seed(0)
     for p in torch.randint(3, model.config.vocab_size, (args.batch, 32), generator=g).tolist():

@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from adore.cli import perplexity  # noqa: E402
-from adore.config import AdoreConfig, SamplingParams, parse_knob  # noqa: E402
+from adore.cli import add_knob_args, perplexity  # noqa: E402
+from adore.config import AdoreConfig, SamplingParams, knob_values, parse_knob  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.evaluation import fidelity_summary, paired_bootstrap, spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
@@ -64,29 +64,29 @@ def parse_spec(spec: str, base: AdoreConfig) -> tuple[str, AdoreConfig, dict]:
 def model_for(args, adapter: str | None):
     key = adapter or ""
     if key not in _MODELS:
-        model, tok = load_model(args.model)
+        model, tok, info = load_model(args.model)
         if adapter:
             from adore.train.finetune import apply_adapter
 
-            model = apply_adapter(model, adapter)
-        _MODELS[key] = (model, tok)
+            model, info = apply_adapter(model, info, adapter)
+        _MODELS[key] = (model, tok, info)
     return _MODELS[key]
 
 
 def engine_for(args, spec: str, max_batch: int, max_seq_len: int) -> Engine:
-    name, cfg, extra = parse_spec(spec, AdoreConfig(cache_size=args.cache_size, top_k=args.top_k))
+    name, cfg, extra = parse_spec(spec, AdoreConfig(**knob_values(args)))
     ctrl = None
     if extra.get("controller"):
         from adore.controller import Controller
 
         ctrl = Controller.load(extra["controller"])
-    model, tok = model_for(args, extra.get("adapter", args.adapter))
+    model, tok, info = model_for(args, extra.get("adapter", args.adapter))
     pol = make_policy("full" if name == "oracle" else name, cfg, ctrl)
-    return Engine(model, tok, pol, max_batch=max_batch, max_seq_len=max_seq_len)
+    return Engine(model, tok, pol, info=info, max_batch=max_batch, max_seq_len=max_seq_len)
 
 
 def held_out_ids(args) -> list[int]:
-    _, tok = model_for(args, None)
+    _, tok, _ = model_for(args, None)
     with open(args.text_file, encoding="utf-8") as f:
         return tok.encode(f.read(), add_special_tokens=False)
 
@@ -134,7 +134,7 @@ def task_ppl(args, spec: str) -> dict:
 
     ids = held_out_ids(args)[args.offset : args.offset + args.tokens]
     eng = engine_for(args, spec, 1, args.tokens + 1)
-    name, cfg, _ = parse_spec(spec, AdoreConfig(cache_size=args.cache_size, top_k=args.top_k))
+    name, cfg, _ = parse_spec(spec, AdoreConfig(**knob_values(args)))
     t0 = time.perf_counter()
     if name == "oracle":  # the best m of all history by true averaged attention, every step
         res = oracle_ppl(eng.model, ids, cfg)
@@ -298,8 +298,7 @@ def main(argv=None) -> None:
     p.add_argument("--text-file", default="data/austen/northangerabbey.txt")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--cache-size", type=int, default=192)
-    p.add_argument("--top-k", type=lambda s: None if s.lower() == "none" else int(s), default=96)
+    add_knob_args(p.add_argument_group("method (every policy's, below its spec's own options)"))
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new", type=int, default=256)

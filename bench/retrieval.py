@@ -20,38 +20,39 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adore.cli import add_knob_args  # noqa: E402
+
 DEFAULT_POLICIES = "full,window,sink,h2o,adore"
 
 
 def measure(args) -> dict:
     import torch
 
-    from adore.config import AdoreConfig
+    from adore.config import AdoreConfig, knob_values
     from adore.models import load_model
     from adore.policies import make_policy
     from adore.retrieval import TASKS, answer, make_samples, mean_accuracy
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok, info = load_model(args.model, dtype=args.dtype, device=device)
     text = open(args.text, encoding="utf-8").read()
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     kinds = args.kinds.split(",") if args.kinds else list(TASKS)
     samples = make_samples(tok, text, tasks=kinds, lengths=lengths, depths=depths, per_cell=args.per_cell,
                            seed=args.seed)
-    top_k = None if args.top_k in ("none", "0") else int(args.top_k)
+    cfg = AdoreConfig(**knob_values(args))
     rows = []
     for policy in args.policies.split(","):
         t0 = time.time()
-        cfg = AdoreConfig(cache_size=args.cache_size, top_k=top_k, rebuild=args.rebuild)
-        recs, _ = answer(model, tok, lambda p=policy, c=cfg: make_policy(p, c), samples, args.batch)
+        recs, _ = answer(model, tok, info, lambda p=policy: make_policy(p, cfg), samples, args.batch)
         bounded = policy != "full"
         rows.append({"task": "retrieval", "model": args.model, "dtype": args.dtype, "policy": policy,
                      "cache_size": args.cache_size if bounded else None,
-                     "top_k": top_k if policy.startswith("adore") else None,
+                     "top_k": args.top_k if policy.startswith("adore") else None,
                      "rebuild": args.rebuild if policy == "adore" else None,
-                     "rebuild_mode": "promote" if policy == "adore" else None,
+                     "rebuild_mode": args.rebuild_mode if policy == "adore" else None,
                      "retrieval_acc": mean_accuracy(recs),
                      "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
         print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)
@@ -88,9 +89,8 @@ def main() -> int:
     p.add_argument("--lengths", default="256,512,1024,2048")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--per-cell", type=int, default=2)
-    p.add_argument("--cache-size", type=int, default=192)
-    p.add_argument("--top-k", default="none")
-    p.add_argument("--rebuild", type=int, default=8)
+    add_knob_args(p.add_argument_group("method"))
+    p.set_defaults(top_k=None)  # the committed results ran dense attention over the cache
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results JSON")

@@ -35,6 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from adore.cli import add_knob_args  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.loadgen import free_port, run_clients  # noqa: E402
 
 PROMPT_FILE = REPO / "data" / "austen" / "prideprejudice.txt"
@@ -60,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: all cores / tp)")
-    p.add_argument("--cache-size", type=int, default=192)
-    p.add_argument("--top-k", type=int, default=96)
-    p.add_argument("--rebuild", type=int, default=8)
-    p.add_argument("--rebuild-mode", default="promote")
+    add_knob_args(p.add_argument_group("method"))
     p.add_argument("--warmup-tokens", type=int, default=8, help="one short request per policy first")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_cpu.json"))
     a = p.parse_args(argv)
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = {"model": a.model, "policies": ",".join(policies), "tp": a.tp, "num_replicas": 1,
             "max_batch": max(clients), "max_queue": max(clients), "max_ongoing_requests": 2 * max(clients),
-            "max_seq_len": a.prompt_chars + a.max_tokens + 64, "cache_size": a.cache_size, "top_k": a.top_k,
-            "rebuild": a.rebuild, "rebuild_mode": a.rebuild_mode, "threads": threads, "device": "cpu"}
+            "max_seq_len": a.prompt_chars + a.max_tokens + 64, **knob_values(a), "threads": threads, "device": "cpu"}
     cfg = ServeArgs.parse(args)
     tmp = tempfile.mkdtemp(prefix="arb", dir="/tmp")
     port = free_port()

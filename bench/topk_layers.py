@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from adore.cli import add_knob_args  # noqa: E402
 from adore.evaluation import spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.train.finetune import set_topk_attention  # noqa: E402
@@ -37,12 +38,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=96)
+    add_knob_args(p, names=("top_k",))  # the only knob that applies: no cache, top-K over every causal key
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = load_model("smollm2-135m")
+    model, tok, _ = load_model("smollm2-135m")
     ids = tok.encode(open(args.text_file, encoding="utf-8").read(), add_special_tokens=False)
     prompts = torch.tensor(spread_spans(ids, args.prompts, args.prompt_len, name=args.text_file))
     with torch.no_grad():  # the model's own dense greedy text: what it attends over when it generates

@@ -38,7 +38,7 @@ class CellRunner:
         self.sources = sources
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._model_key = None
-        self.model = self.tok = None
+        self.model = self.tok = self.info = None
         self._memo: dict = {}
 
     # -- what tasks use ---------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class CellRunner:
         """Make (model, dtype) the loaded one; returns the seconds spent loading (0 if cached)."""
         if self._model_key == (model, dtype):
             return 0.0
-        self.model = self.tok = None
+        self.model = self.tok = self.info = None
         self._memo.clear()
         self._model_key = None
         gc.collect()
@@ -86,7 +86,7 @@ class CellRunner:
 
         hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
-        self.model, self.tok = load_model(model, dtype=dtype, device=self.device)
+        self.model, self.tok, self.info = load_model(model, dtype=dtype, device=self.device)
         self._model_key = (model, dtype)
         return time.perf_counter() - t0
 

@@ -19,7 +19,7 @@ EMMA = Path(__file__).resolve().parents[1] / "data" / "austen" / "emma.txt"
 def test_ppl_full_equals_transformers_forward(smollm2, capsys):
     """`adore ppl --policy full` streams one token per step through the engine; the perplexity equals
     a plain transformers forward pass over the same tokens."""
-    model, tok = smollm2
+    model, tok, _ = smollm2
     assert main(["ppl", "--policy", "full", "--text-file", str(EMMA), "--offset", "100",
                  "--tokens", "256", "--quiet"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -35,7 +35,7 @@ def model_on_gpu(request):
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
                                                  for n, kw in CASES])
 def test_graphed_step_equals_eager_step(model_on_gpu, name, kw):
-    model, tok = model_on_gpu
+    model, tok, _ = model_on_gpu
     cfg = AdoreConfig(cache_size=16, top_k=kw.get("top_k", 8), rebuild=3,
                       rebuild_mode=kw.get("rebuild_mode", "promote"))
     params = SamplingParams(max_tokens=48, ignore_eos=True)

@@ -16,7 +16,7 @@ PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 25, 1)]
 def test_batch_with_joins_equals_alone(tiny_gqa, name, mode):
     """6 prompts of different lengths through 3 rows: sequences join as others finish (different
     max_tokens), and every one decodes exactly as it does alone."""
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     cfg = AdoreConfig(cache_size=16, top_k=8, rebuild=4, rebuild_mode=mode)
     lengths = [30, 12, 45, 20, 8, 33]
     alone = []
@@ -32,7 +32,7 @@ def test_batch_with_joins_equals_alone(tiny_gqa, name, mode):
 
 
 def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128)
     p = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
     a, b, c = eng.generate([PROMPTS[1]] * 3, [p, p, SamplingParams(max_tokens=20, temperature=1.0,
@@ -45,8 +45,8 @@ def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny):
 
 
 def test_stop_strings_and_eos(smollm2):
-    model, tok = smollm2
-    eng = Engine(model, tok, make_policy("full"), max_batch=2, max_seq_len=256)
+    model, tok, info = smollm2
+    eng = Engine(model, tok, make_policy("full"), info=info, max_batch=2, max_seq_len=256)
     prompt = "Mr. Woodhouse was fond of every body that he was used to, and"
     free = eng.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 30
@@ -63,8 +63,8 @@ def test_stop_strings_and_eos(smollm2):
 
 
 def test_streamed_text_equals_final_text(smollm2):
-    model, tok = smollm2
-    eng = Engine(model, tok, make_policy("window", AdoreConfig(cache_size=32)), max_batch=1,
+    model, tok, info = smollm2
+    eng = Engine(model, tok, make_policy("window", AdoreConfig(cache_size=32)), info=info, max_batch=1,
                  max_seq_len=256)
     rid = eng.add_request("Émile wrote: « naïve café » — 東京",
                           SamplingParams(max_tokens=40, ignore_eos=True))
@@ -76,7 +76,7 @@ def test_streamed_text_equals_final_text(smollm2):
 
 
 def test_abort_frees_the_row(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("adore"), max_batch=2, max_seq_len=128)
     a = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
     b = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True))
@@ -91,7 +91,7 @@ def test_abort_frees_the_row(tiny):
 
 
 def test_bad_requests_are_user_errors(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("full"), max_batch=1, max_seq_len=64)
     for bad in ([], "", [10**6], [-1]):
         with pytest.raises(UserError):
@@ -110,7 +110,7 @@ def test_bad_requests_are_user_errors(tiny):
 
 
 def test_max_tokens_zero_and_one(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("adore"), max_batch=2, max_seq_len=64)
     zero, one = eng.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(max_tokens=0),
                                                          SamplingParams(max_tokens=1, ignore_eos=True)])
@@ -121,7 +121,7 @@ def test_max_tokens_zero_and_one(tiny):
 @pytest.mark.parametrize("mode", ["every", "promote"])
 def test_packed_rows_equal_padded_rows(tiny_gqa, mode):
     """Running the linears on live rows only (ragged rebuild counts) changes no token and no logit."""
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     cfg = AdoreConfig(cache_size=16, top_k=8, rebuild=4, rebuild_mode=mode)
     runs = []
     for pack in (False, True):
@@ -138,7 +138,7 @@ def test_packed_rows_equal_padded_rows(tiny_gqa, mode):
 def test_top1_flags_forced_tokens_against_greedy(tiny):
     """Forcing the model's own greedy continuation agrees at every step; forcing another token at
     one step is flagged there (and only there), with that token's lower log-probability."""
-    model, tok = tiny
+    model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("sink", AdoreConfig(cache_size=16)), max_batch=2, max_seq_len=64)
     greedy = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
     assert greedy.top1 == [True] * 20
@@ -174,7 +174,7 @@ def test_sampling_never_makes_nan_and_bounds_are_user_errors():
 def test_a_failing_request_ends_alone_and_the_engine_goes_on(tiny):
     """A request whose host-side work fails ends with finish_reason "error"; the others in the same
     batch decode exactly as they would have, and the engine serves later requests."""
-    model, tok = tiny
+    model, tok, _ = tiny
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     alone = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128).generate(PROMPTS[:2], params)
 
@@ -200,3 +200,22 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(tiny):
     assert eng.n_active == 0
     (again,) = eng.generate([PROMPTS[0]], params)
     assert again.token_ids == alone[0].token_ids
+
+
+def test_the_engine_decides_by_the_model_info_from_load_model(tiny):
+    """load_model returns a ModelInfo; the prefill's attention (top-K after a top-K adapter) and the
+    shipped controller follow it, not attributes on the transformers model."""
+    from dataclasses import replace
+
+    from adore.assets import find_controller
+    from adore.models import ModelInfo
+
+    model, tok, info = tiny
+    assert info == ModelInfo(name="random:tiny") and not hasattr(model, "adore_name")
+    cfg = AdoreConfig(cache_size=16, top_k=4)
+    plain = Engine(model, tok, make_policy("adore", cfg), info=info, max_batch=1, max_seq_len=32)
+    tuned = Engine(model, tok, make_policy("adore", cfg), info=replace(info, tuned_top_k=8), max_batch=1,
+                   max_seq_len=32)
+    assert plain.prefill_top_k is None and tuned.prefill_top_k == 4  # the policy's K, as in decode
+    assert find_controller(info) is None and find_controller(ModelInfo()) is None
+    assert find_controller(ModelInfo(name="smollm2-135m")).name == "smollm2-135m.safetensors"

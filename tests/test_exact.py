@@ -11,12 +11,12 @@ from adore.engine import Engine
 from adore.policies import make_policy, policy_names
 
 
-def engine_logits(model, tok, policy, prompt, n):
+def engine_logits(model, tok, info, policy, prompt, n):
     """Greedy-decode n tokens; return (tokens, logits [n, V]) captured at the lm_head."""
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     try:
-        eng = Engine(model, tok, policy, max_batch=2, max_seq_len=len(prompt) + n + 1)
+        eng = Engine(model, tok, policy, info=info, max_batch=2, max_seq_len=len(prompt) + n + 1)
         out = eng.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
     finally:
         hook.remove()
@@ -31,7 +31,7 @@ def hf_reference(model, prompt, n):
     return gen[0, len(prompt) :].tolist(), logits
 
 
-def check_all_policies(model, tok, prompt, n):
+def check_all_policies(model, tok, info, prompt, n):
     ref_tokens, ref_logits = hf_reference(model, prompt, n)
     budget = len(prompt) + n + 1  # at least the sequence length, and K covers every key
     cfg = AdoreConfig(cache_size=budget, top_k=budget, rebuild=8)
@@ -40,26 +40,26 @@ def check_all_policies(model, tok, prompt, n):
             if mode == "every" and not name.startswith("adore"):
                 continue
             cfg.rebuild_mode = mode
-            tokens, logits = engine_logits(model, tok, make_policy(name, cfg), prompt, n)
+            tokens, logits = engine_logits(model, tok, info, make_policy(name, cfg), prompt, n)
             assert tokens == ref_tokens, f"{name}/{mode}: tokens differ from full attention"
             err = (logits - ref_logits).abs().max().item()
             assert err < 1e-4, f"{name}/{mode}: max logit error {err}"
 
 
 def test_tiny_mha(tiny):
-    model, tok = tiny
+    model, tok, info = tiny
     assert model.config.num_key_value_heads == model.config.num_attention_heads
-    check_all_policies(model, tok, list(range(3, 40)), 24)
+    check_all_policies(model, tok, info, list(range(3, 40)), 24)
 
 
 def test_tiny_gqa(tiny_gqa):
-    model, tok = tiny_gqa
+    model, tok, info = tiny_gqa
     assert model.config.num_key_value_heads < model.config.num_attention_heads
-    check_all_policies(model, tok, list(range(3, 29)), 24)
+    check_all_policies(model, tok, info, list(range(3, 29)), 24)
 
 
 @pytest.mark.slow
 def test_smollm2(smollm2):
-    model, tok = smollm2
+    model, tok, info = smollm2
     prompt = tok.encode("It is a truth universally acknowledged, that a single man in possession")
-    check_all_policies(model, tok, prompt, 12)
+    check_all_policies(model, tok, info, prompt, 12)

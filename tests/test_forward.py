@@ -29,7 +29,7 @@ def _eager(model, ids):
 
 
 def test_collect_qk_attention_equals_transformers_eager_probabilities(tiny_gqa):
-    model, _ = tiny_gqa
+    model, _, _ = tiny_gqa
     ids = _ids(40)
     _, att, _ = _eager(model, ids)
     q, k, scale = collect_qk(model, ids, [0, 2])
@@ -43,7 +43,7 @@ def test_collect_qk_attention_equals_transformers_eager_probabilities(tiny_gqa):
 
 
 def test_masked_logprobs_without_a_mask_equals_the_models_log_probs(tiny_gqa):
-    model, _ = tiny_gqa
+    model, _, _ = tiny_gqa
     ids = _ids(50, seed=1)
     logp, _, _ = _eager(model, ids)
     want = logp[:-1].gather(1, ids[1:, None])[:, 0]
@@ -55,7 +55,7 @@ def test_masked_logprobs_without_a_mask_equals_the_models_log_probs(tiny_gqa):
 
 
 def test_forward_prompt_equals_transformers_hidden_states(tiny_gqa):
-    model, _ = tiny_gqa
+    model, _, _ = tiny_gqa
     ids = _ids(33, seed=2)
     _, _, hidden = _eager(model, ids)
     dense, ks, vs, mass = forward_prompt(model, ids[None])
@@ -71,7 +71,7 @@ def test_forward_prompt_equals_transformers_hidden_states(tiny_gqa):
 @pytest.mark.parametrize("pack", [False, True])
 def test_forward_slots_over_an_empty_cache_equals_the_prefill(tiny_gqa, pack):
     """A step whose rows are a whole prompt (plus padded rows) into empty slots is its causal prefill."""
-    model, _ = tiny_gqa
+    model, _, _ = tiny_gqa
     P, R, C = 12, 15, 20
     prompts = torch.stack([_ids(P, seed=3), _ids(P, seed=4)])
     cache = SlotCache(layers=model.config.num_hidden_layers, batch=2, kv_heads=local_kv_heads(model),
@@ -95,7 +95,7 @@ def test_forward_slots_over_an_empty_cache_equals_the_prefill(tiny_gqa, pack):
 
 
 def test_local_kv_heads_are_read_from_the_possibly_sharded_weights(tiny_gqa):
-    model, _ = tiny_gqa
+    model, _, _ = tiny_gqa
     attn = model.model.layers[0].self_attn
     assert head_dim(model.config) == 16 and local_kv_heads(model) == model.config.num_key_value_heads == 2
     full = attn.k_proj
@@ -136,7 +136,7 @@ def test_one_top_k_rule_in_prefill_masked_forward_and_training_attention():
     from adore.models import load_model
     from adore.train.finetune import set_topk_attention
 
-    model, _ = load_model("random:tiny-gqa")
+    model, _, _ = load_model("random:tiny-gqa")
     ids, K, T = _ids(30, seed=7), 4, 30
     hidden = forward_prompt(model, ids[None], top_k=K)[0]
     prefill = torch.log_softmax(model.lm_head(hidden)[0, :-1].float(), -1).gather(1, ids[1:, None])[:, 0]

@@ -22,7 +22,7 @@ def test_protect_sinks_reaches_the_policy_from_adore_cli_args():
 
     args = make_parser().parse_args(["generate", "--model", "random:tiny", "--prompt", "hi",
                                      "--cache-size", "16", "--protect-sinks", "4", "--top-k", "none"])
-    _, _, pol = load_parts(args)
+    _, _, _, pol = load_parts(args)
     assert (pol.cfg.protect_sinks, pol.cfg.cache_size, pol.top_k) == (4, 16, None)
 
 
@@ -74,7 +74,7 @@ def _controller(dim: int) -> Controller:
 
 
 def test_adore_protect_sinks_never_releases_the_first_n(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     pol = make_policy("adore", AdoreConfig(cache_size=12, top_k=None, rebuild=2, protect_sinks=3),
                       _controller(model.config.hidden_size))
     eng = Engine(model, tok, pol, max_batch=1, max_seq_len=64)
@@ -91,7 +91,7 @@ def test_simulation_makes_the_engines_decisions(tiny, mode):
     tokens the engine's cache holds (promote_margin included: the simulation once ignored it)."""
     from adore.train.metrics import simulate
 
-    model, tok = tiny
+    model, tok, _ = tiny
     T = 48
     pol = make_policy("adore", AdoreConfig(cache_size=8, top_k=None, rebuild=3, rebuild_mode=mode),
                       _controller(model.config.hidden_size))
@@ -119,7 +119,7 @@ def test_masked_stream_models_the_protected_positions(tiny_gqa):
     from adore.cli import perplexity
     from adore.train.streameval import is_static, stream_ppl
 
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     ids = tok.encode(EMMA.read_text()[:400])[:44]
     cfg = AdoreConfig(cache_size=12, top_k=6, rebuild=0, protect_sinks=2, protect_recent=3)
     assert is_static("adore", cfg)

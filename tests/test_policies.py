@@ -12,9 +12,9 @@ from adore.policies import make_policy
 M = 24
 
 
-def run_traced(model, tok, policy, prompt_len=10, steps=80):
+def run_traced(model, tok, info, policy, prompt_len=10, steps=80):
     """Decode `steps` tokens of one sequence; yield (engine, released-before, trace entry) per step."""
-    eng = Engine(model, tok, policy, max_batch=1, max_seq_len=prompt_len + steps + 2)
+    eng = Engine(model, tok, policy, info=info, max_batch=1, max_seq_len=prompt_len + steps + 2)
     eng.trace = []
     eng.add_request(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=steps, ignore_eos=True))
     eng.step()  # prefill (+ first decode)
@@ -64,10 +64,10 @@ def test_strided_keeps_local_and_stride(tiny):
 
 
 def test_h2o_keeps_heavy_hitters_and_recent(tiny):
-    model, tok = tiny
+    model, tok, info = tiny
     heads, layers = model.config.num_attention_heads, model.config.num_hidden_layers
     assert heads and layers
-    for eng, _, tr in run_traced(model, tok, make_policy("h2o", AdoreConfig(cache_size=M))):
+    for eng, _, tr in run_traced(model, tok, info, make_policy("h2o", AdoreConfig(cache_size=M))):
         cur = int(tr["cur_pos"][0])
         pos, mass = tr["step_pos"][0], tr["mass"][0]
         valid = pos >= 0
@@ -140,7 +140,7 @@ def test_adore_protect_recent_never_releases_the_last_n(tiny):
 @pytest.mark.parametrize("name,mode", [("h2o", "promote"), ("adore", "every"), ("adore", "promote")])
 def test_kv_memory_stays_at_budget(tiny_gqa, name, mode):
     """2,000 generated tokens with m=64: the KV tensors never grow and never hold more than m."""
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     m, R = 64, 8
     eng = Engine(model, tok, make_policy(name, AdoreConfig(cache_size=m, top_k=32, rebuild=R,
                                                             rebuild_mode=mode)),
@@ -187,7 +187,7 @@ def test_the_engine_only_calls_policy_hooks(tiny):
         def keep_scores(self, view):
             return view.pos_scores.gather(1, view.pos.clamp(min=0))
 
-    model, tok = tiny
+    model, tok, _ = tiny
     torch.manual_seed(123)
     before = torch.get_rng_state()
     Engine(model, tok, make_policy("adore"), max_batch=1, max_seq_len=32)

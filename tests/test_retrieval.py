@@ -17,7 +17,7 @@ def text():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_samples_are_reproducible_sized_and_placed(tiny, text, task):
-    _, tok = tiny
+    _, tok, _ = tiny
     a = make_samples(tok, text, tasks=[task], lengths=[768, 2048], depths=[0.0, 0.5, 1.0], per_cell=2, seed=3)
     b = make_samples(tok, text, tasks=[task], lengths=[768, 2048], depths=[0.0, 0.5, 1.0], per_cell=2, seed=3)
     assert [s.prompt for s in a] == [s.prompt for s in b]
@@ -42,7 +42,7 @@ def _needle_marks(s):
 
 
 def test_scoring(tiny, text):
-    _, tok = tiny
+    _, tok, _ = tiny
     key, chain = make_samples(tok, text, tasks=["passkey", "variable_track"], lengths=[768], depths=[0.5],
                               per_cell=1)
     assert score(key, f" {key.answers[0]}. Remember it.") == 1.0
@@ -51,7 +51,7 @@ def test_scoring(tiny, text):
 
 
 def test_sentences_and_errors(tiny, text):
-    _, tok = tiny
+    _, tok, _ = tiny
     assert all(s and "\n" not in s for s in sentences(text))
     with pytest.raises(ValueError, match="too short"):
         make_samples(tok, text, tasks=["niah_multikey"], lengths=[40], depths=[0.5], per_cell=1)

@@ -64,8 +64,8 @@ def client(server):
 def reference():
     """The engine alone, built like the replicas: greedy text for (policy, ids, max_tokens)."""
     cfg = ServeArgs.parse(ARGS)
-    model, tok = load_model(ARGS["model"])
-    engines = {p: Engine(model, tok, cfg.engine_spec(p).make_policy(), max_batch=16,
+    model, tok, info = load_model(ARGS["model"])
+    engines = {p: Engine(model, tok, cfg.engine_spec(p).make_policy(), info=info, max_batch=16,
                          max_seq_len=cfg.max_seq_len) for p in ("adore", "full")}
 
     def run(policy: str, prompts: list[list[int]], max_tokens: int):

@@ -92,8 +92,8 @@ def test_adore_serve_tp2_two_replicas_match_engine_and_stop_cleanly():
 
         cfg = ServeArgs.parse({"model": "random:tiny-gqa", "policies": "adore", "cache_size": 12, "top_k": 6,
                                "rebuild": 2, "rebuild_mode": "every", "max_seq_len": 256, "device": "cpu"})
-        model, tok = load_model("random:tiny-gqa")
-        eng = Engine(model, tok, cfg.engine_spec("adore").make_policy(), max_batch=4, max_seq_len=256)
+        model, tok, info = load_model("random:tiny-gqa")
+        eng = Engine(model, tok, cfg.engine_spec("adore").make_policy(), info=info, max_batch=4, max_seq_len=256)
         (want,) = eng.generate([tok.encode(prompt, add_special_tokens=True)],
                                SamplingParams(max_tokens=24, ignore_eos=True))
         assert r.json()["choices"][0]["text"] == want.text

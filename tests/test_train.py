@@ -23,7 +23,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "austen"
 @pytest.mark.parametrize("layers", ["all", "1:"])
 def test_labels_match_brute_force(tiny_gqa, layers):
     """Chunked, streamed labels = top-K of eager attention averaged over layers and heads."""
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:300])[:90])
     cfg = LabelConfig(top_k=10, keep=20, layers=layers, chunk=16)
     idx, val = attention_topk(model, ids, cfg)
@@ -49,7 +49,7 @@ def test_labels_match_brute_force(tiny_gqa, layers):
 
 @pytest.fixture(scope="module")
 def tiny_data(tiny):
-    model, tok = tiny
+    model, tok, _ = tiny
     texts = [(DATA / f).read_text()[:3000] for f in ("emma.txt", "prideprejudice.txt")]
     seqs = segments(tok, texts, 128, per_text=6)
     data = build_dataset(model, seqs, LabelConfig(top_k=16, keep=32, seq_len=128), progress=False)
@@ -58,7 +58,7 @@ def tiny_data(tiny):
 
 
 def test_trained_controller_beats_random(tiny, tiny_data):
-    model, _ = tiny
+    model, _, _ = tiny
     data, held = tiny_data
     cfg = TrainConfig(steps=60, batch=4, rows=32, lr=1e-2, eval_every=30, top_k=16, budget=32, rebuild=2,
                       listwise=1.0)
@@ -76,7 +76,7 @@ def test_trained_controller_beats_random(tiny, tiny_data):
 
 
 def test_checkpoint_round_trip(tiny, tiny_data, tmp_path):
-    model, _ = tiny
+    model, _, _ = tiny
     data, _ = tiny_data
     cfg = TrainConfig(steps=3, batch=2, rows=16, eval_every=3, top_k=16, budget=32, rebuild=2)
     ctrl, report = train_controller(data, model.model.embed_tokens, cfg,
@@ -108,18 +108,23 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_lora_adapter_changes_outputs_and_loads_back(tmp_path, quantize):
-    from adore.models import load_model
+    from adore.models import ModelInfo, load_model
     from adore.train.finetune import FinetuneConfig, apply_adapter, finetune
 
-    model, tok = load_model("random:tiny")
+    model, tok, _ = load_model("random:tiny")
     ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:2000]))
     seqs = [ids[i : i + 48] for i in range(0, 480, 48)]
     before = _logits(load_model("random:tiny")[0], ids[:48])
     cfg = FinetuneConfig(top_k=8, seq_len=48, steps=4, lr=1e-2, quantize=quantize)
     pm, report = finetune(model, seqs, cfg, out_dir=str(tmp_path / "ad"), progress=False)
     assert (tmp_path / "ad" / "adapter_model.safetensors").exists() and report["steps"] == 4
-    a = apply_adapter(load_model("random:tiny")[0], str(tmp_path / "ad"))
-    b = apply_adapter(load_model("random:tiny")[0], str(tmp_path / "ad"))
+
+    def merged():
+        base, _, info = load_model("random:tiny")
+        return apply_adapter(base, info, str(tmp_path / "ad"))
+
+    (a, info), (b, _) = merged(), merged()
+    assert info == ModelInfo(name="random:tiny", tuned_top_k=8)  # the K it was trained under, from its report
     la, lb = _logits(a, ids[:48]), _logits(b, ids[:48])
     assert torch.equal(la, lb)  # loads back identically
     assert (la - before).abs().max() > 1e-3  # and changes the model
@@ -133,7 +138,7 @@ def test_distilled_adapter_brings_topk_attention_closer_to_dense(tmp_path):
     from adore.models import load_model
     from adore.train.finetune import FinetuneConfig, dense_teacher_logits, distill_loss, finetune, make_lora
 
-    model, tok = load_model("random:tiny")
+    model, tok, _ = load_model("random:tiny")
     ids = torch.tensor(tok.encode((DATA / "emma.txt").read_text()[:4000]))
     seqs = [ids[i : i + 48] for i in range(0, 960, 48)]
     held = torch.stack([ids[i : i + 48] for i in range(960, 1200, 48)])
@@ -219,7 +224,7 @@ def test_cli_train_controller_and_finetune(tmp_path, capsys):
 def test_self_generated_is_prompt_plus_greedy_continuation(tiny):
     from adore.train.labels import self_generated
 
-    model, tok = tiny
+    model, tok, _ = tiny
     prompts = [torch.arange(5, 5 + n) for n in (8, 8, 8)]
     seqs = self_generated(model, tok, prompts, 12, batch=2)
     eng = Engine(model, tok, make_policy("full", AdoreConfig()), max_batch=1, max_seq_len=32)
@@ -231,7 +236,7 @@ def test_self_generated_is_prompt_plus_greedy_continuation(tiny):
 def test_fine_tuning_from_init_never_ends_worse(tiny, tiny_data):
     """init: the starting controller is the first candidate, so the result's validation loss is at
     most the start's; row_min restricts the rows (and a bad one is refused)."""
-    model, _ = tiny
+    model, _, _ = tiny
     data, _ = tiny_data
     base_cfg = TrainConfig(steps=20, batch=4, rows=32, lr=1e-2, eval_every=10, top_k=16, budget=32, rebuild=2)
     start, _ = train_controller(data, model.model.embed_tokens, base_cfg, progress=False)
@@ -265,14 +270,16 @@ def test_cli_train_controller_self_generated(tmp_path):
 
 
 def test_model_tuned_under_topk_prefills_under_topk():
-    """A model carrying a top-K adapter's report reads its prompt with top-K attention (what it was
+    """A model whose ModelInfo names a top-K adapter reads its prompt with top-K attention (what it was
     trained under): the engine's first token log-prob equals the top-K transformers forward's, and
     a plain model keeps the dense prefill."""
+    from dataclasses import replace
+
     from adore.attention import forward_prompt
     from adore.models import load_model
     from adore.train.finetune import set_topk_attention
 
-    model, tok = load_model("random:tiny")
+    model, tok, info = load_model("random:tiny")
     ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(1))
     dense_h = forward_prompt(model, ids)[0]
     topk_h = forward_prompt(model, ids, top_k=4)[0]
@@ -282,9 +289,8 @@ def test_model_tuned_under_topk_prefills_under_topk():
     with torch.no_grad():
         want = torch.log_softmax(ref(input_ids=ids).logits[0, -1].float(), -1)
     pol = make_policy("adore", AdoreConfig(cache_size=64, top_k=4))
-    assert Engine(model, tok, pol, max_batch=1, max_seq_len=40).prefill_top_k is None
-    model.adore_finetune = {"config": {"top_k": 4}}
-    eng = Engine(model, tok, pol, max_batch=1, max_seq_len=40)
+    assert Engine(model, tok, pol, info=info, max_batch=1, max_seq_len=40).prefill_top_k is None
+    eng = Engine(model, tok, pol, info=replace(info, tuned_top_k=4), max_batch=1, max_seq_len=40)
     assert eng.prefill_top_k == 4
     nxt = int(want.argmax())
     out = eng.generate([ids[0].tolist()], SamplingParams(forced_tokens=[nxt]))[0]
@@ -296,7 +302,7 @@ def test_topk_attention_per_layer_k():
     from adore.models import load_model
     from adore.train.finetune import set_topk_attention
 
-    model, _ = load_model("random:tiny")
+    model, _, _ = load_model("random:tiny")
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(2))
 
     def logits(top_k, per_layer=None):
@@ -309,3 +315,5 @@ def test_topk_attention_per_layer_k():
     assert not torch.allclose(first_only, dense, atol=1e-4) and not torch.allclose(first_only, everywhere, atol=1e-4)
     assert torch.allclose(logits(2, {i: None for i in range(len(model.model.layers))}), dense, atol=1e-5)
     assert torch.allclose(logits(None), dense, atol=1e-6)  # per-layer K from the last call is gone
+    # the K is kept beside the model, not on it
+    assert not hasattr(model.config, "adore_top_k") and not hasattr(model.model.layers[0].self_attn, "adore_top_k")

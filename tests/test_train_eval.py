@@ -20,7 +20,7 @@ EMMA = Path(__file__).resolve().parents[1] / "data" / "austen" / "emma.txt"
 @pytest.mark.parametrize("policy,top_k", [("full", None), ("window", None), ("sink", None),
                                           ("strided", None), ("adore", 6), ("adore-nocontroller", None)])
 def test_masked_stream_equals_engine(tiny_gqa, policy, top_k):
-    model, tok = tiny_gqa
+    model, tok, _ = tiny_gqa
     ids = tok.encode(EMMA.read_text()[:400])[:44]
     cfg = AdoreConfig(cache_size=12, top_k=top_k, rebuild=0 if policy == "adore" else 8, stride=4)
     assert is_static(policy, cfg)

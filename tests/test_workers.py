@@ -40,8 +40,9 @@ def ray_instance():
 
 
 def engine_alone(spec: EngineSpec, params: list[SamplingParams]) -> list[list[int]]:
-    model, tok = load_model(spec.model, seed=spec.seed)
-    eng = Engine(model, tok, spec.make_policy(), max_batch=spec.max_batch, max_seq_len=spec.max_seq_len)
+    model, tok, info = load_model(spec.model, seed=spec.seed)
+    eng = Engine(model, tok, spec.make_policy(), info=info, max_batch=spec.max_batch,
+                 max_seq_len=spec.max_seq_len)
     return [r.token_ids for r in eng.generate([tok.encode(p) for p in PROMPTS], params)]
 
 

@@ -71,12 +71,13 @@ class RankWorker:
             # AutoTP slices the weights and moves them to this rank's device. On a GPU the whole model
             # is built there first (random weights: the same seed gives every rank the same values, and
             # initialising on the GPU is minutes faster than on one CPU core); on CPU it stays put.
-            model, tok = spec.load_model(device)
+            model, tok, info = spec.load_model(device)
             model = dist.shard_model(model, self.world)
         else:
-            model, tok = spec.load_model(device)
+            model, tok, info = spec.load_model(device)
         self.tok = tok
-        self.engine = Engine(model, tok, policy, max_batch=spec.max_batch, max_seq_len=spec.max_seq_len)
+        self.engine = Engine(model, tok, policy, info=info, max_batch=spec.max_batch,
+                             max_seq_len=spec.max_seq_len)
         return {"rank": self.rank, "world": self.world, "pid": os.getpid(), "device": str(self.engine.device),
                 "kv_heads_local": self.engine.cache.k.shape[2], "load_s": round(time.perf_counter() - t0, 2),
                 "vocab_size": self.engine.vocab_size}

@@ -44,17 +44,17 @@ class EngineSpec(AdoreConfig):
         return EngineSpec(**{**asdict(self), **kw})
 
     def load_model(self, device: str):
-        """(model, tokenizer) with the adapter, if any, merged into plain Linear weights."""
+        """(model, tokenizer, ModelInfo) with the adapter, if any, merged into plain Linear weights."""
         from adore.models import load_model
 
-        model, tok = load_model(self.model, dtype=self.dtype, device=device, seed=self.seed)
+        model, tok, info = load_model(self.model, dtype=self.dtype, device=device, seed=self.seed)
         if self.adapter:
             from adore.train.finetune import apply_adapter
 
             if not os.path.isdir(self.adapter):
                 raise UserError(f"adapter directory not found: {self.adapter}")
-            model = apply_adapter(model, self.adapter)
-        return model, tok
+            model, info = apply_adapter(model, info, self.adapter)
+        return model, tok, info
 
     def make_policy(self):
         """The policy object (loads the controller checkpoint if one was given)."""

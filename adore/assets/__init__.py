@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..models import ModelInfo
 
 HERE = Path(__file__).parent
 
 
-def find_controller(model) -> Path | None:
-    """The shipped controller for a model loaded by adore.models.load_model, if one exists."""
-    name = getattr(model, "adore_name", None)
-    if not name:
+def find_controller(info: ModelInfo) -> Path | None:
+    """The shipped controller for a model (its ModelInfo from adore.models.load_model), if one exists."""
+    if not info.name:
         return None
-    path = HERE / "controllers" / f"{name.replace(':', '_')}.safetensors"
+    path = HERE / "controllers" / f"{info.name.replace(':', '_')}.safetensors"
     return path if path.exists() else None

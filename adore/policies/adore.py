@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..controller import Controller
+from ..models import ModelInfo
 from .base import BIG, Policy, SlotView
 
 
@@ -115,14 +116,14 @@ class AdorePolicy(Policy):
         return view.pos_scores.gather(1, view.pos.clamp(min=0))
 
     # -- engine hooks (see base.py) ---------------------------------------------------------
-    def bind(self, model, embed, device) -> None:
+    def bind(self, model, info: ModelInfo, embed, device) -> None:
         from ..attention import attention_scale
 
         self.scale = attention_scale(model)
         if self.by_attention:
             self.controller = None
         elif self.uses_controller and self.controller is None:
-            self.controller = default_controller(model)
+            self.controller = default_controller(model, info)
         if self.controller is not None:
             self.controller.to(device).eval().requires_grad_(False)
         self.embed = embed
@@ -245,13 +246,13 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     return list((total / (L * Hq)).split([m.shape[1] for m in ok], -1))
 
 
-def default_controller(model) -> Controller:
-    """The shipped trained controller for this model if there is one, else a fresh one initialised
-    from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
+def default_controller(model, info: ModelInfo) -> Controller:
+    """The trained controller shipped for the model (by its ModelInfo) if there is one, else a fresh
+    one initialised from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
     from ..assets import find_controller
     from ..controller import ControllerConfig
 
-    path = find_controller(model)
+    path = find_controller(info)
     if path is not None:
         return Controller.load(str(path))
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,7 @@ a score per slot (higher = keep) and keeps the `budget` best, one decision for a
 calls the same hooks for every policy and never asks which one it has (as a kvpress press owns its
 `score`):
 
-    bind(model, embed, device)            once, before the cache is built (a learned scorer loads here)
+    bind(model, info, embed, device)      once, before the cache is built (a learned scorer loads here)
     state_dims()                          per-position and per-row feature sizes the cache must hold
     prefill_scores(cache, row, ids, pos, queries, keys)  scores of a new prompt's positions [1, P]
     step_scores(cache, n, cur_tok, cur_pos)  scores of every position for this step's tokens [n, P]
@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from ..config import AdoreConfig
+from ..models import ModelInfo
 
 # Score offset that puts a protected class of tokens above every unprotected one. Scores are float64:
 # in float32, 1e9 + 12 == 1e9 and protected tokens would tie.
@@ -92,8 +93,8 @@ class Policy:
         raise NotImplementedError
 
     # -- hooks a learned or rebuilding policy overrides (the baselines need none) ---------------
-    def bind(self, model, embed, device) -> None:
-        """Called once by the engine with the model, its token embedding and the device."""
+    def bind(self, model, info: ModelInfo, embed, device) -> None:
+        """Called once by the engine with the model, its ModelInfo, its token embedding and the device."""
 
     def state_dims(self) -> tuple[int, int]:
         """(features per position, state per row) the SlotCache keeps for this policy."""

@@ -112,7 +112,7 @@ def cmd_train_controller(args) -> int:
     if not args.text_files and not args.labels:
         raise UserError("give --text-files (to label) or --labels (collected before)")
     t0 = time.time()
-    model, tok = load_model(args.model)
+    model, tok, _ = load_model(args.model)
     lcfg = LabelConfig(top_k=args.top_k, keep=max(args.top_k, args.budget), layers=args.layers,
                        seq_len=args.seq_len)
     parts = []
@@ -166,7 +166,7 @@ def cmd_finetune(args) -> int:
     from .finetune import FinetuneConfig, finetune
     from .labels import segments
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.self_generated and not 0 < args.prompt_len < args.seq_len:
         raise UserError("--self-generated needs 0 < --prompt-len < --seq-len")
     if args.hard and not args.distill:

@@ -19,14 +19,21 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 
 from ..kernels import keep_top_k
+from ..models import ModelInfo
 
 ATTN_NAME = "adore_topk"
+# attention module -> the K its rows keep (None: dense causal), set by set_topk_attention. Keyed by the
+# module (weakly: a dropped model leaves no entry) so that the K is ours, not an attribute on the
+# transformers model or its config, and a layer can have its own.
+_TOP_K: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -54,7 +61,8 @@ class FinetuneConfig:
 
 
 def topk_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
-    """Causal attention keeping each row's top-K keys per head (transformers attention interface).
+    """Causal attention keeping each row's top-K keys per head, K the one set_topk_attention gave this
+    attention module (transformers attention interface).
 
     query [B, Hq, T, D], key/value [B, Hkv, S, D] -> (out [B, T, Hq, D], weights [B, Hq, T, S]).
     The padding mask is ignored: training sequences are unpadded."""
@@ -66,9 +74,9 @@ def topk_attention(module, query, key, value, attention_mask=None, scaling=None,
     T, S = s.shape[-2:]
     future = torch.arange(S, device=s.device)[None, :] > torch.arange(S - T, S, device=s.device)[:, None]
     s = s.masked_fill(future, float("-inf"))
-    # a layer's own K (module.adore_top_k, set by set_topk_attention's per_layer) wins over the model's
-    K = getattr(module, "adore_top_k", module.config.adore_top_k if hasattr(module, "config") else None)
-    p = torch.softmax(keep_top_k(s, K), -1).to(query.dtype)
+    if module not in _TOP_K:
+        raise RuntimeError(f"attention {ATTN_NAME!r} runs only in a model given to set_topk_attention")
+    p = torch.softmax(keep_top_k(s, _TOP_K[module]), -1).to(query.dtype)
     return torch.matmul(p, v).transpose(1, 2).contiguous(), p
 
 
@@ -86,15 +94,26 @@ def _register() -> None:
 
 def set_topk_attention(model, top_k: int | None, per_layer: dict[int, int | None] | None = None) -> None:
     """Route the model's attention through `topk_attention` with K = top_k (None: dense causal), or
-    per_layer[i] in decoder layer i where given."""
+    per_layer[i] in decoder layer i where given (a later call without it clears it)."""
     _register()
-    model.config.adore_top_k = top_k
+    per_layer = per_layer or {}
     for i, layer in enumerate(model.model.layers):
-        if per_layer is not None and i in per_layer:
-            layer.self_attn.adore_top_k = per_layer[i]
-        elif hasattr(layer.self_attn, "adore_top_k"):
-            del layer.self_attn.adore_top_k
+        _TOP_K[layer.self_attn] = per_layer.get(i, top_k)
     model.set_attn_implementation(ATTN_NAME)
+
+
+@contextmanager
+def dense_topk_attention(model):
+    """Within: every layer of a model under set_topk_attention attends densely (K = None)."""
+    attns = [layer.self_attn for layer in model.model.layers]
+    saved = [_TOP_K[a] for a in attns]
+    try:
+        for a in attns:
+            _TOP_K[a] = None
+        yield
+    finally:
+        for a, k in zip(attns, saved):
+            _TOP_K[a] = k
 
 
 def quantize_nf4(model) -> None:
@@ -174,13 +193,8 @@ def finetune(model, seqs: list[torch.Tensor], cfg: FinetuneConfig, out_dir: str 
 
 def dense_teacher_logits(pm, ids: torch.Tensor) -> torch.Tensor:
     """The base model's logits [B, T, V] with the adapter off and dense causal attention."""
-    cfg = pm.get_base_model().config
-    top_k, cfg.adore_top_k = cfg.adore_top_k, None
-    try:
-        with torch.no_grad(), pm.disable_adapter():
-            return pm(input_ids=ids).logits.float()
-    finally:
-        cfg.adore_top_k = top_k
+    with torch.no_grad(), pm.disable_adapter(), dense_topk_attention(pm.get_base_model()):
+        return pm(input_ids=ids).logits.float()
 
 
 def argmax_margin(logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -212,18 +226,16 @@ def save_adapter(pm, out_dir: str, report: dict) -> None:
         json.dump(report, f, indent=1)
 
 
-def apply_adapter(model, path: str):
+def apply_adapter(model, info: ModelInfo, path: str):
     """Load a LoRA adapter (from `finetune`) onto a model from adore.models.load_model and merge it
-    into the base weights (Linear layers stay plain Linear: the engine runs unchanged)."""
+    into the base weights (Linear layers stay plain Linear: the engine runs unchanged).
+    Returns (merged model, info with the top-K the adapter was trained under, from its report)."""
     from peft import PeftModel
 
-    name = getattr(model, "adore_name", None)
     merged = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
     merged.eval().requires_grad_(False)
-    if name is not None:
-        merged.adore_name = name
-    info = os.path.join(path, "adore_finetune.json")
-    if os.path.exists(info):
-        with open(info) as f:
-            merged.adore_finetune = json.load(f)
-    return merged
+    report = os.path.join(path, "adore_finetune.json")
+    if os.path.exists(report):
+        with open(report) as f:
+            info = replace(info, tuned_top_k=json.load(f).get("config", {}).get("top_k"))
+    return merged, info

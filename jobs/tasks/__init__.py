@@ -1,5 +1,5 @@
 """What one cell measures. Each task is `run(ctx, cell) -> dict of metric columns` (jobs/schema.py);
-`ctx` is the worker's runner (model, tokenizer, device, sources, memoized references)."""
+`ctx` is the worker's runner (model, tokenizer, ModelInfo, device, sources, memoized references)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from ..sources import prompt_ids
 
 def _generate(ctx, cell: dict, prompts: list[list[int]], policy) -> tuple[list, Engine]:
     p = cell["params"]
-    engine = Engine(ctx.model, ctx.tok, policy, max_batch=min(p["batch"], len(prompts)),
+    engine = Engine(ctx.model, ctx.tok, policy, info=ctx.info, max_batch=min(p["batch"], len(prompts)),
                     max_seq_len=max(len(x) for x in prompts) + p["new_tokens"])
     outs = engine.generate(prompts, SamplingParams(max_tokens=p["new_tokens"], ignore_eos=True))
     return outs, engine

@@ -20,7 +20,7 @@ def run(ctx, cell: dict) -> dict:
     if len(ids) < p["tokens"]:
         raise UserError(f"{cell['data']} has only {len(ids)} tokens after offset {p['offset']}, "
                         f"{p['tokens']} asked")
-    engine = Engine(ctx.model, ctx.tok, ctx.policy(cell), max_batch=1, max_seq_len=len(ids) + 1)
+    engine = Engine(ctx.model, ctx.tok, ctx.policy(cell), info=ctx.info, max_batch=1, max_seq_len=len(ids) + 1)
     res = perplexity(engine, ids, progress=False)
     return {"ppl": res["ppl"], "nll": res["nll"], "ppl_tokens": res["tokens"], "total_s": res["seconds"],
             "tokens_per_s": res["tokens_per_s"], **ctx.engine_stats(engine)}

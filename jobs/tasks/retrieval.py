@@ -24,7 +24,7 @@ def run(ctx, cell: dict) -> dict:
     samples = ctx.memo(key, lambda: make_samples(ctx.tok, as_text(ctx.source(cell["data"])), tasks=p["kinds"],
                                                  lengths=lengths, depths=p["depths"], per_cell=p["per_cell"],
                                                  seed=cell.get("seed") or 0))
-    records, stats = answer(ctx.model, ctx.tok, lambda: ctx.policy(cell), samples, p["batch"])
+    records, stats = answer(ctx.model, ctx.tok, ctx.info, lambda: ctx.policy(cell), samples, p["batch"])
     return {"retrieval_acc": mean_accuracy(records), "retrieval_json": json.dumps(records),
             "n_prompts": len(samples), "prompt_tokens": max((len(s.prompt_ids) for s in samples), default=0),
             **stats}

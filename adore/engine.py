@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -88,6 +88,9 @@ class Engine:
         if max_batch < 1 or max_seq_len < 2:
             raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
         info = info if info is not None else ModelInfo()
+        if info.tuned_top_k is not None and "top_k" in policy.knobs and policy.cfg.top_k is None:
+            # top-K is off by default, except on a model whose adapter was trained under it
+            policy.cfg = replace(policy.cfg, top_k=info.tuned_top_k)
         self.model, self.tok, self.policy, self.info = model, tokenizer, policy, info
         self.pack_rows = pack_rows  # eager steps run linears on live rows only (attention.forward_slots)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(args.model, device=dev)
+    model, tok, info = load_model(args.model, device=dev)
     ids = tok.encode(open(args.text, encoding="utf-8").read())
     spans = spread_spans(ids, args.spans, args.tokens, name=args.text)
     res = {"command": "python " + " ".join(sys.argv), "model": args.model, "text": os.path.basename(args.text),
@@ -57,8 +57,8 @@ def main(argv=None) -> None:
     full = None
     for spec in args.policies.split(","):
         name, cfg, extra = parse_policy_spec(spec, AdoreConfig(cache_size=args.cache_size))
-        eng = Engine(model, tok, make_policy(name, cfg, extra.get("controller")), max_batch=len(spans),
-                     max_seq_len=args.tokens + 1)
+        eng = Engine(model, tok, make_policy(name, cfg, extra.get("controller")), info=info,
+                     max_batch=len(spans), max_seq_len=args.tokens + 1)
         rids = [eng.add_request(s[:1], SamplingParams(forced_tokens=s[1:])) for s in spans]
         t0 = time.perf_counter()
         with tqdm(total=args.tokens - 1, desc=spec, unit="step", file=sys.stderr) as bar:

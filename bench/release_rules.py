@@ -125,7 +125,7 @@ def main(argv=None) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(args.model, device=dev)
+    model, tok, info = load_model(args.model, device=dev)
     ids = tok.encode(open(args.text, encoding="utf-8").read())
     spans = spread_spans(ids, args.spans, args.tokens, name=args.text)
     rules = args.rules.split(",")

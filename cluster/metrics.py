@@ -12,6 +12,7 @@
     adore_router_queued_requests{model}              requests this ingress sent that no replica took yet
     adore_tokens_released_total{model}               tokens released from the bounded caches
     adore_tokens_rebuilt_total{model}                released tokens rebuilt into the caches
+    adore_stored_tokens{model}                       released tokens whose K/V the second tiers hold now
     adore_engine_steps_total{model}, adore_engine_decode_tokens_total{model}, adore_batch_size_peak{model}
 
 Replica-side numbers come from the snapshots replicas attach to their stream chunks (at most one a
@@ -53,6 +54,7 @@ class ApiMetrics:
             "waiting": g("adore_waiting_sequences", "Requests waiting for a free engine row"),
             "released": g("adore_tokens_released_total", "Tokens released from the bounded KV caches"),
             "rebuilt": g("adore_tokens_rebuilt_total", "Released tokens rebuilt into the caches"),
+            "stored_tokens": g("adore_stored_tokens", "Released tokens whose K/V the second tiers hold now"),
             "steps": g("adore_engine_steps_total", "Engine decode steps"),
             "decode_tokens": g("adore_engine_decode_tokens_total", "Sequence-steps decoded"),
             "peak_running": g("adore_batch_size_peak", "Largest decode batch seen (per replica, max)"),

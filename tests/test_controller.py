@@ -63,7 +63,7 @@ def test_training_and_serving_scores_are_one_function(monkeypatch):
         torch.nn.init.normal_(p, std=0.3)
     B, T = 2, 40
     h = ctrl.run_batch(torch.randn(B, T, 32), torch.arange(T)[None].expand(B, T))
-    pol = make_policy("adore", AdoreConfig(cache_size=16), ctrl)
+    pol = make_policy("adore", AdoreConfig(cache_size=16, scorer="controller"), ctrl)
 
     calls = []
     real = Controller.score

@@ -75,7 +75,8 @@ def _controller(dim: int) -> Controller:
 
 def test_adore_protect_sinks_never_releases_the_first_n(tiny):
     model, tok, _ = tiny
-    pol = make_policy("adore", AdoreConfig(cache_size=12, top_k=None, rebuild=2, protect_sinks=3),
+    pol = make_policy("adore", AdoreConfig(cache_size=12, top_k=None, rebuild=2, protect_sinks=3,
+                                        scorer="controller", rebuild_source="recompute"),
                       _controller(model.config.hidden_size))
     eng = Engine(model, tok, pol, max_batch=1, max_seq_len=64)
     eng.trace = []
@@ -93,7 +94,8 @@ def test_simulation_makes_the_engines_decisions(tiny, mode):
 
     model, tok, _ = tiny
     T = 48
-    pol = make_policy("adore", AdoreConfig(cache_size=8, top_k=None, rebuild=3, rebuild_mode=mode),
+    pol = make_policy("adore", AdoreConfig(cache_size=8, top_k=None, rebuild=3, rebuild_mode=mode,
+                                        scorer="controller", rebuild_source="recompute"),
                       _controller(model.config.hidden_size))
     eng = Engine(model, tok, pol, max_batch=1, max_seq_len=T + 1)
     eng.trace = []
@@ -121,7 +123,7 @@ def test_masked_stream_models_the_protected_positions(tiny_gqa):
 
     model, tok, _ = tiny_gqa
     ids = tok.encode(EMMA.read_text()[:400])[:44]
-    cfg = AdoreConfig(cache_size=12, top_k=6, rebuild=0, protect_sinks=2, protect_recent=3)
+    cfg = AdoreConfig(cache_size=12, top_k=6, rebuild=0, protect_sinks=2, protect_recent=3, scorer="controller")
     assert is_static("adore", cfg)
     ctrl = _controller(model.config.hidden_size)
     eng = Engine(model, tok, make_policy("adore", cfg, ctrl), max_batch=1, max_seq_len=len(ids) + 1)

@@ -97,7 +97,8 @@ def test_adore_keeps_best_by_controller_and_rebuilds(tiny, mode):
         for p in ctrl.parameters():
             p.normal_(0, 0.5)
     R = 4
-    pol = make_policy("adore", AdoreConfig(cache_size=M, top_k=8, rebuild=R, rebuild_mode=mode), ctrl)
+    pol = make_policy("adore", AdoreConfig(cache_size=M, top_k=8, rebuild=R, rebuild_mode=mode, scorer="controller",
+                                           rebuild_source="recompute"), ctrl)
     n_rebuilt = 0
     for eng, released_before, tr in run_traced(*tiny, pol):
         s = tr["pos_scores"][0]
@@ -125,7 +126,8 @@ def test_adore_protect_recent_never_releases_the_last_n(tiny):
         for p in ctrl.parameters():
             p.normal_(0, 0.5)
     N = 8
-    pol = make_policy("adore", AdoreConfig(cache_size=M, top_k=None, rebuild=0, protect_recent=N), ctrl)
+    pol = make_policy("adore", AdoreConfig(cache_size=M, top_k=None, rebuild=0, protect_recent=N,
+                                                        scorer="controller"), ctrl)
     for eng, _, tr in run_traced(*tiny, pol):
         cur = int(tr["cur_pos"][0])
         assert set(range(cur - N + 1, cur + 1)) <= kept(eng)

@@ -22,7 +22,8 @@ EMMA = Path(__file__).resolve().parents[1] / "data" / "austen" / "emma.txt"
 def test_masked_stream_equals_engine(tiny_gqa, policy, top_k):
     model, tok, _ = tiny_gqa
     ids = tok.encode(EMMA.read_text()[:400])[:44]
-    cfg = AdoreConfig(cache_size=12, top_k=top_k, rebuild=0 if policy == "adore" else 8, stride=4)
+    cfg = AdoreConfig(cache_size=12, top_k=top_k, rebuild=0 if policy == "adore" else 8, stride=4,
+                      scorer="controller")
     assert is_static(policy, cfg)
     ctrl = None
     if policy == "adore":

@@ -84,7 +84,8 @@ class AsyncDriver:
                 "healthy": self.healthy, "peak_running": self.peak_active, "step_s": round(self.step_s, 5),
                 "released": self.stats.get("released", 0), "rebuilt": self.stats.get("rebuilt", 0),
                 "steps": self.stats.get("steps", 0), "decode_tokens": self.stats.get("decode_tokens", 0),
-                "prefill_tokens": self.stats.get("prefill_tokens", 0)}
+                "prefill_tokens": self.stats.get("prefill_tokens", 0),
+                "stored_tokens": self.stats.get("stored_tokens", 0)}
 
     @property
     def healthy(self) -> bool:

@@ -34,6 +34,9 @@ def make_policy(name: str, cfg: AdoreConfig | None = None, controller=None) -> P
     if cls.bounded and cfg.cache_size is None:
         raise UserError(f"policy {name!r} needs a cache size")
     if issubclass(cls, AdorePolicy):
+        if controller is not None and cls.uses_controller and cfg.scorer != "controller":
+            raise UserError(f"a controller was given, but {name}'s scorer is {cfg.scorer!r}: "
+                            "set scorer to 'controller' to use it")
         return cls(cfg, controller=controller if cls.uses_controller else None)
     return cls(cfg)
 

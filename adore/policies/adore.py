@@ -44,7 +44,8 @@ from .base import BIG, Policy, SlotView
 class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
-    knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks")
+    knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks",
+             "scorer", "score_decay", "rebuild_source", "store_size")
     controller: Controller | None = field(default=None, repr=False)
     embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
 

@@ -95,7 +95,8 @@ def evaluate(ctrl: Controller, emb: torch.Tensor, idx: torch.Tensor, val: torch.
 
     N, T, _ = emb.shape
     agg: dict[str, list[float]] = {}
-    cfg = AdoreConfig(cache_size=budget, top_k=None, rebuild=rebuild)
+    # the paper's controller, rebuilding by recomputation: what the simulation models
+    cfg = AdoreConfig(cache_size=budget, top_k=None, rebuild=rebuild, scorer="controller", rebuild_source="recompute")
     policies = {"adore": make_policy("adore", cfg),
                 "adore-every": make_policy("adore", replace(cfg, rebuild_mode="every")),
                 **{p: make_policy(p, cfg) for p in ("adore-norebuild", "window", "sink", "h2o")}}

@@ -237,11 +237,9 @@ class Engine:
             placed.append(req)
             hidden.append(h)
         if placed:
-            # [n, 1, H] -> [n, V]: 3-D in, as DeepSpeed's sharded head slices [B, S, H]
-            logits = self.lm_head(torch.stack(hidden))[:, 0]
             n_out = len(outs)
-            try:
-                self._next_tokens(placed, logits, outs)
+            try:  # [n, 1, H] -> [n, V]: 3-D in, as DeepSpeed's sharded head slices [B, S, H]
+                self._next_tokens(placed, self.lm_head(torch.stack(hidden))[:, 0], outs)
             except Exception as e:  # noqa: BLE001
                 del outs[n_out:]
                 self._fail(placed, e, outs)

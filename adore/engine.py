@@ -125,7 +125,7 @@ class Engine:
         tuned = (getattr(model, "adore_finetune", None) or {}).get("config", {}).get("top_k")
         self.prefill_top_k = policy.top_k if tuned is not None else None
         self.requests: dict[str, _Request] = {}
-        self.waiting: deque[str] = deque()  # not decoding yet, in arrival order (prompts being chunked in first)
+        self.waiting: deque[str] = deque()
         self.rows: list[str] = []  # request id of each active row, rows packed at [0, n)
         self._ids = itertools.count()
         eos = tokenizer.eos_token_id

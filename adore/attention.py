@@ -7,9 +7,19 @@ over a slot cache, which no stock attention interface expresses. `run_layers` is
 attention step of a layer, `attend(i, q, k, v) -> out`:
 
     forward_slots     the engine's decode step: write K/V into the slot cache, slot attention
-    forward_prompt    the engine's prefill: dense causal attention (or top-K, or with the mass)
+    forward_prompts   the engine's prefill: block-diagonal causal attention over packed prompts
+                      (dense, or top-K, or with the mass); forward_prompt is one whole prompt of it
     labels.collect_qk      keeps the queries and keys of some layers (controller labels)
     streameval.masked_logprobs  attention restricted to a [T, T] membership mask
+
+The prefill packs the prompts a step admits end to end into one [1, T] sequence, each token at its
+own position (restarting at 0 for each prompt), so the linear layers run once on all T rows. Its
+attention is block-diagonal and causal: a token sees only its own prompt's tokens at or before it.
+A prompt may come in chunks over several forwards (the engine's `max_prefill_tokens` per step): its
+`PromptKV` keeps the K/V of every position run so far (all layers, nothing cut) and the attention
+mass they received, and a later chunk's rows attend to those keys plus their own. The attention runs
+in blocks of consecutive query rows, each over just the keys of the prompts it touches, so its scores
+stay within `PREFILL_SCORES` per block however long the prompts are.
 
 Only the model's submodules are called (q/k/v/o projections, norms, MLP, rotary embedding), so
 DeepSpeed AutoTP, which swaps those Linear layers for sharded ones, works unchanged: head counts are
@@ -18,15 +28,17 @@ read from the (possibly sharded) weights.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
-from itertools import islice
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache import SlotCache
-from .kernels import slot_attention
+from .kernels import masked_attention, slot_attention
 
 # attend(layer index, q [B, Hq, R, D], k [B, Hkv, R, D], v [B, Hkv, R, D]) -> out [B, Hq, R, D]
 AttentionStep = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,7 +93,7 @@ def run_layers(model, x: torch.Tensor, pos: torch.Tensor, attend: AttentionStep,
     hd = head_dim(model.config)
     cos, sin = rotary(x, pos)
     B, R, _ = x.shape
-    for i, layer in enumerate(islice(layers, n_layers)):
+    for i, layer in enumerate(itertools.islice(layers, n_layers)):
         attn = layer.self_attn
         q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin, hd)
         o = attend(i, q, k, v)
@@ -170,31 +182,178 @@ def forward_slots(model, cache: SlotCache, ids: torch.Tensor, row_pos: torch.Ten
     return x, mass
 
 
+@dataclass
+class PromptKV:
+    """A prompt on its way through the prefill, in one forward or in chunks over several (the
+    engine's staging between steps): its ids, and what the positions run so far left behind.
+
+    ids   [P] its tokens
+    k, v  [L, Hkv, P, D] per layer, the keys (RoPE applied) and values of positions [0, done)
+    mass  [P] float32 the attention each position has received so far, summed over layers, heads
+          and the query rows run so far; None: not collected
+    q_last  [L, 1, Hq, D] each layer's query of the last position, once it has run (for a policy
+          that scores the prompt by its last token's attention); None: not collected
+    done  positions run so far
+    """
+
+    ids: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mass: torch.Tensor | None = None
+    q_last: torch.Tensor | None = None
+    done: int = 0
+
+    @classmethod
+    def new(cls, model, ids: torch.Tensor, want_mass: bool = False, want_queries: bool = False) -> PromptKV:
+        """Room for all of ids [P] (on the model's device) in every layer, nothing run yet."""
+        w = next(model.parameters())
+        hd = head_dim(model.config)
+        shape = (model.config.num_hidden_layers, local_kv_heads(model), ids.shape[0], hd)
+        mass = torch.zeros(ids.shape[0], device=ids.device) if want_mass else None
+        q_heads = model.model.layers[0].self_attn.q_proj.weight.shape[0] // hd  # local (AutoTP)
+        q_last = w.new_zeros(shape[0], 1, q_heads, hd) if want_queries else None
+        return cls(ids, w.new_empty(shape), w.new_empty(shape), mass, q_last)
+
+
+# The packed prefill's attention runs in blocks of query rows, each holding at most this many fp32
+# scores [query heads, rows, keys] (128 MiB): its memory bound, however long the prompts are.
+PREFILL_SCORES = 1 << 25
+
+
+@dataclass
+class _Block:
+    """Query rows [a, b) of a packed prefill and the keys they see: for each prompt they belong to,
+    (chunk index, start, n): that prompt's keys [0, n), placed at [start, start + n) of the block's
+    keys. Row r may see keys lo[r]..hi[r]: its own prompt's, up to its own position."""
+
+    a: int
+    b: int
+    keys: list[tuple[int, int, int]]
+    lo: torch.Tensor  # [b - a]
+    hi: torch.Tensor  # [b - a]
+
+
+def _query_blocks(spans: list[tuple[int, int]], max_cells: int) -> list[tuple[int, int]]:
+    """Cut the packed rows of chunks spans [(done, n)] (positions done..done+n-1 each) into blocks of
+    consecutive rows [a, b) with rows x keys <= max_cells (one row a block at least); a block's keys
+    are, for each prompt it touches, that prompt's positions up to the block's last row of it.
+    Greedy, each block's end solved for: rows [a, x) ending inside a chunk that starts at row `off`
+    see closed + done + (x - off) keys, closed being those of the block's earlier prompts."""
+    out, a, closed, off = [], 0, 0, 0
+    for done, n in spans:
+        end, r = off + n, off
+        while r < end:
+            c = closed + done - off  # rows [a, x) see c + x keys: the largest x with (x - a)(x + c) <= cells
+            x = min(end, (a - c + math.isqrt((a + c) ** 2 + 4 * max_cells)) // 2)
+            if x <= r and r > a:  # not even row r fits: the block ends before it
+                out.append((a, r))
+                a, closed = r, 0
+                continue
+            r = max(x, r + 1)
+            if r < end:  # this chunk goes on in a new block
+                out.append((a, r))
+                a, closed = r, 0
+        closed += done + n
+        off = end
+    return out + [(a, off)]
+
+
+def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: int) -> list[_Block]:
+    """The blocks of `_query_blocks` with their keys and each row's visible key range."""
+    out, j0, offs = [], 0, list(itertools.accumulate((n for _, n in chunks), initial=0))
+    for a, b in _query_blocks([(kv.done, n) for kv, n in chunks], max_cells):
+        while offs[j0 + 1] <= a:
+            j0 += 1
+        keys, rows, k0 = [], [], 0
+        for j in range(j0, len(chunks)):
+            if offs[j] >= b:
+                break
+            last = min(b, offs[j + 1])  # the block's rows of chunk j end here; its keys up to that row
+            n = chunks[j][0].done + last - offs[j]
+            keys.append((j, k0, n))
+            rows.append(last - max(a, offs[j]))
+            k0 += n
+        lo = torch.repeat_interleave(torch.tensor([k for _, k, _ in keys]), torch.tensor(rows)).to(pos.device)
+        out.append(_Block(a, b, keys, lo, lo + pos[a:b]))
+    return out
+
+
 @torch.no_grad()
-def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int | None = None,
-                   queries: torch.Tensor | None = None):
-    """Causal prefill of one prompt ids [1, P] at positions 0..P-1: dense, or each row keeping its
-    top_k keys per head (a model fine-tuned under top-K attention). queries [L, 1, Hq, D] or None:
-    filled with each layer's query of the last position.
+def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None = None,
+                    max_scores: int = PREFILL_SCORES) -> torch.Tensor:
+    """Packed causal prefill: the next n positions of several prompts in ONE forward.
+
+    chunks  (prompt, n) each: the prompt's positions done..done+n-1 run as n rows of one packed
+            [1, T] sequence (T = the sum of n), each row at its own position and attending only to
+            its own prompt's keys at or before it: its earlier chunks' (kept in the PromptKV) and
+            this chunk's (block-diagonal causal attention). Dense, or each row keeping its top_k
+            keys per head among those (a model fine-tuned under top-K attention).
+    Each PromptKV receives this chunk's K/V in every layer and, if it collects mass, the attention
+    its positions received from these rows; then done += n (mass and done only once the forward has
+    succeeded, so a failed one can be run again). Returns the hidden states after the final norm
+    [1, T, H]: a prompt's last row gives its next token once its last chunk is in.
+
+    Attention runs in blocks of consecutive query rows (`_query_blocks`), each over the keys of the
+    prompts it touches: at most max_scores scores [Hq, rows, keys] per block, so memory stays bounded
+    whatever the prompts' lengths, and the work is rows x the keys of their own prompts (plus those
+    of the block's other prompts), not T x T.
+    """
+    embed, _, norm, _, _ = decoder_parts(model)
+    dev = chunks[0][0].ids.device
+    ids = torch.cat([kv.ids[kv.done : kv.done + n] for kv, n in chunks])[None]  # [1, T]
+    pos = torch.cat([torch.arange(kv.done, kv.done + n, device=dev) for kv, n in chunks])
+    offs = list(itertools.accumulate((n for _, n in chunks), initial=0))
+    q_heads = model.model.layers[0].self_attn.q_proj.weight.shape[0] // head_dim(model.config)  # local (AutoTP)
+    blocks = _blocks(chunks, pos, max(1, max_scores // q_heads))
+    scale = attention_scale(model)
+    # this forward's mass per prompt, over its keys [0, done + n): added to the PromptKVs at the end
+    mass = [torch.zeros(kv.done + n, device=dev) if kv.mass is not None else None for kv, n in chunks]
+    want_mass = any(m is not None for m in mass)
+
+    def attend(i, q, k, v):
+        for (kv, n), r in zip(chunks, offs):
+            kv.k[i, :, kv.done : kv.done + n] = k[0, :, r : r + n]
+            kv.v[i, :, kv.done : kv.done + n] = v[0, :, r : r + n]
+            if kv.q_last is not None and kv.done + n == kv.ids.shape[0]:  # the prompt's last row
+                kv.q_last[i, 0] = q[0, :, r + n - 1]
+        out = torch.empty_like(q)
+        for blk in blocks:
+            kb = _cat([chunks[j][0].k[i, :, :n] for j, _, n in blk.keys])[None]
+            vb = _cat([chunks[j][0].v[i, :, :n] for j, _, n in blk.keys])[None]
+            ar = torch.arange(kb.shape[2], device=dev)
+            allowed = (ar >= blk.lo[:, None]) & (ar <= blk.hi[:, None])  # [rows, keys]
+            qb = q[:, :, blk.a : blk.b]
+            if want_mass or top_k is not None and top_k < kb.shape[2]:
+                o, m = masked_attention(qb, kb, vb, allowed[None], top_k, scale, want_mass)
+                for j, k0, n in blk.keys:
+                    if mass[j] is not None:
+                        mass[j][:n] += m[0, k0 : k0 + n]
+            else:
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale,
+                                                   enable_gqa=q.shape[1] != k.shape[1])
+            out[:, :, blk.a : blk.b] = o
+        return out
+
+    x = norm(run_layers(model, embed(ids), pos[None], attend))
+    for (kv, n), m in zip(chunks, mass):
+        if m is not None:
+            kv.mass[: m.shape[0]] += m
+        kv.done += n
+    return x
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [H, n, D] parts along the keys; one part is returned as it is (a view, no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+@torch.no_grad()
+def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int | None = None):
+    """Causal prefill of one whole prompt ids [1, P] at positions 0..P-1 (`forward_prompts` with one
+    chunk): dense, or each row keeping its top_k keys per head.
 
     Returns hidden [1, P, H], per-layer K and V lists ([1, Hkv, P, D] each), and the attention mass
     each position received summed over layers, heads and queries ([1, P]) if want_mass."""
-    embed, _, norm, _, _ = decoder_parts(model)
-    P = ids.shape[1]
-    pos = torch.arange(P, device=ids.device)[None]
-    scale = attention_scale(model)
-    ks, vs, mass = [], [], None
-
-    def attend(i, q, k, v):
-        nonlocal mass
-        ks.append(k)
-        vs.append(v)
-        if queries is not None:
-            queries[i] = q[:, :, -1]
-        if want_mass or top_k is not None and top_k < P:
-            o, m = slot_attention(q, k, v, pos, pos, top_k=top_k, scale=scale, want_mass=want_mass)
-            mass = _add(mass, m)
-            return o
-        return causal_attention(q, k, v, scale)
-
-    return norm(run_layers(model, embed(ids), pos, attend)), ks, vs, mass
+    kv = PromptKV.new(model, ids[0], want_mass)
+    hidden = forward_prompts(model, [(kv, ids.shape[1])], top_k=top_k)
+    return hidden, list(kv.k[:, None]), list(kv.v[:, None]), None if kv.mass is None else kv.mass[None]

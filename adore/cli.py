@@ -20,7 +20,7 @@ import time
 from dataclasses import fields
 from importlib.metadata import entry_points
 
-from .config import AdoreConfig, SamplingParams, UserError, knob_values, parse_field
+from .config import MAX_PREFILL_TOKENS, AdoreConfig, SamplingParams, UserError, knob_values, parse_field
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +62,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-seq-len", type=int, default=None, help="engine context capacity")
+    g.add_argument("--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
+                   help="prompt tokens prefilled per engine step, in one packed forward; longer prompts "
+                   f"are chunked over steps (default {MAX_PREFILL_TOKENS})")
 
 
 def load_parts(args):
@@ -85,8 +88,8 @@ def make_engine(args, parts, max_seq_len: int, max_batch: int = 1):
     from .engine import Engine
 
     model, tok, info, policy = parts
-    return Engine(model, tok, policy, info=info, max_batch=max_batch,
-                  max_seq_len=args.max_seq_len or max_seq_len)
+    return Engine(model, tok, policy, info=info, max_batch=max_batch, max_seq_len=args.max_seq_len or max_seq_len,
+                  max_prefill_tokens=args.max_prefill_tokens)
 
 
 def _read_file(path: str) -> str:

@@ -10,6 +10,10 @@ from dataclasses import Field, dataclass, field, fields
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes [-2^63, 2^64))
+# Prompt tokens one engine step prefills at most, in one packed forward (Engine.max_prefill_tokens, and
+# the same setting of the CLI, EngineSpec and ServeArgs): a longer burst of prompts, or a longer
+# prompt, is chunked over steps while the running rows keep decoding.
+MAX_PREFILL_TOKENS = 4096
 
 
 class UserError(ValueError):

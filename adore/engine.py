@@ -7,9 +7,20 @@
         for out in engine.step():          # StepOutput: request_id, token_id, text, finished, ...
             print(out.text, end="")
 
-Each `step()` first admits waiting requests into free rows (a causal prefill each, which also gives
-their first token: dense, or top-K when the model was fine-tuned under top-K attention), then runs
-one decode step for every active row at once. A decode step per row:
+Each `step()` first prefills, then runs one decode step for every active row at once.
+
+Prefill: waiting requests take free rows in arrival order, and up to `max_prefill_tokens` of their
+prompt tokens go through ONE packed forward (`attention.forward_prompts`: the prompts end to end as
+one sequence, each token at its own position attending only to its own prompt, causally; dense, or
+top-K when the model was fine-tuned under top-K attention). A prompt longer than the room left is
+cut into chunks over the next steps: its earlier chunks' K/V (every layer, every position) and the
+attention mass they received wait in the request's staging (`attention.PromptKV`), and its later
+chunks attend to them. When a prompt's last chunk is in, the policy cuts it to its budget m (from
+the same scores and mass as a one-forward prefill of that prompt) into the request's cache row, and
+its last hidden state gives the first token; a request whose prompt is still being chunked in holds
+its row but does not decode yet, while the running rows decode every step.
+
+A decode step per row:
 
   1. the policy scores every past position (adore: by the attention the previous tokens gave them,
      or by the paper's controller, which reads the current token);
@@ -34,9 +45,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .attention import decoder_parts, forward_prompt, forward_slots, head_dim, local_kv_heads
+from .attention import PromptKV, decoder_parts, forward_prompts, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
-from .config import SamplingParams, UserError
+from .config import MAX_PREFILL_TOKENS, SamplingParams, UserError
 from .models import ModelInfo
 from .policies import Policy, SlotView, select_keep
 from .policies.base import nothing_rebuilt
@@ -77,16 +88,18 @@ class _Request:
     top1: list[bool] = field(default_factory=list)
     next_pos: int = 0  # position of the pending token
     finish_reason: str | None = None
+    kv: PromptKV | None = None  # staging while its prompt is being prefilled (possibly over steps)
 
 
 class Engine:
     def __init__(self, model, tokenizer, policy: Policy, *, info: ModelInfo | None = None, max_batch: int = 8,
-                 max_seq_len: int = 4096, cuda_graphs: bool | None = None, pack_rows: bool = True) -> None:
+                 max_seq_len: int = 4096, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+                 cuda_graphs: bool | None = None, pack_rows: bool = True) -> None:
         """info: the model's ModelInfo from adore.models.load_model (or apply_adapter), which picks
         the default controller and the prefill's attention; None: a model of no known name without
         an adapter (a fresh controller, dense prefill)."""
-        if max_batch < 1 or max_seq_len < 2:
-            raise UserError("max_batch >= 1 and max_seq_len >= 2 are required")
+        if max_batch < 1 or max_seq_len < 2 or max_prefill_tokens < 1:
+            raise UserError("max_batch >= 1, max_seq_len >= 2 and max_prefill_tokens >= 1 are required")
         info = info if info is not None else ModelInfo()
         if info.tuned_top_k is not None and "top_k" in policy.knobs and policy.cfg.top_k is None:
             # top-K is off by default, except on a model whose adapter was trained under it
@@ -94,6 +107,7 @@ class Engine:
         self.model, self.tok, self.policy, self.info = model, tokenizer, policy, info
         self.pack_rows = pack_rows  # eager steps run linears on live rows only (attention.forward_slots)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens per step, in one packed forward
         cfg = model.config
         self.device = next(model.parameters()).device
         self.embed, _, _, self.lm_head, _ = decoder_parts(model)
@@ -182,18 +196,15 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Admit waiting requests, then one decode step for every active row.
+        """Prefill (at most max_prefill_tokens prompt tokens, in one packed forward), then one decode
+        step for every active row.
 
         A request whose prefill fails ends with finish_reason "error" and the step goes on; a failing
         decode ends the rows of that step the same way (their cache rows are freed), so one bad
         request never takes the engine, or a server built on it, down."""
         outs: list[StepOutput] = []
-        while self.waiting and len(self.rows) < self.max_batch:
-            req = self.requests[self.waiting.popleft()]
-            try:
-                self._prefill(req, outs)
-            except Exception as e:  # noqa: BLE001 - reported to that request, the engine lives on
-                self._fail([req], e, outs)
+        if self.waiting:
+            self._prefill(outs)
         if self.rows:
             reqs = [self.requests[r] for r in self.rows]
             n_out = len(outs)
@@ -209,31 +220,103 @@ class Engine:
         rows = [self.rows.index(r.rid) for r in reqs if r.rid in self.rows]
         self._free_rows(rows)
         for r in reqs:
+            if r.rid in self.waiting:  # failed while its prompt was being prefilled
+                self.waiting.remove(r.rid)
+            r.kv = None
             r.finish_reason = "error"
             outs.append(StepOutput(r.rid, None, "", True, "error", error=msg))
 
-    def _prefill(self, req: _Request, outs: list[StepOutput]) -> None:
-        if req.params.max_tokens == 0:
-            self._finish(req, "length", outs)
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, outs: list[StepOutput]) -> None:
+        """This step's prompt chunks in one packed forward; each request whose last chunk is in takes
+        its row and gets its first token. If the packed forward fails, each chunk runs alone, so that
+        only the request that fails ends (with "error")."""
+        plan = self._plan_prefill(outs)
+        if not plan:
             return
+        try:
+            done = self._forward_chunks(plan)
+        except Exception as e:  # noqa: BLE001 - reported to the request that fails, the engine lives on
+            if len(plan) == 1:
+                self._fail([plan[0][0]], e, outs)
+                return
+            done = []
+            for chunk in plan:
+                try:
+                    done += self._forward_chunks([chunk])
+                except Exception as e1:  # noqa: BLE001
+                    self._fail([chunk[0]], e1, outs)
+        placed, hidden = [], []
+        for req, h in done:
+            self.waiting.remove(req.rid)
+            try:
+                self._place(req)
+            except Exception as e:  # noqa: BLE001
+                self._fail([req], e, outs)
+                continue
+            placed.append(req)
+            hidden.append(h)
+        if placed:
+            n_out = len(outs)
+            try:  # [n, 1, H] -> [n, V]: 3-D in, as DeepSpeed's sharded head slices [B, S, H]
+                self._next_tokens(placed, self.lm_head(torch.stack(hidden))[:, 0], outs)
+            except Exception as e:  # noqa: BLE001
+                del outs[n_out:]
+                self._fail(placed, e, outs)
+
+    def _plan_prefill(self, outs: list[StepOutput]) -> list[tuple[_Request, int]]:
+        """This step's chunks, (request, prompt tokens), at most max_prefill_tokens in all: the waiting
+        requests in order, each as far as the room allows, while rows are free. A request keeps the
+        row it took while its prompt is chunked in; as the prompt cut short is the last one a step
+        takes, it is first in the next step's plan."""
+        plan, room, rows = [], self.max_prefill_tokens, len(self.rows)
+        for rid in list(self.waiting):
+            if room == 0 or rows == self.max_batch:
+                break
+            req = self.requests[rid]
+            if req.params.max_tokens == 0:
+                self.waiting.remove(rid)
+                self._finish(req, "length", outs)
+                continue
+            if req.kv is None:
+                try:
+                    ids = torch.tensor(req.prompt, device=self.device)
+                    req.kv = PromptKV.new(self.model, ids, want_mass=self.policy.needs_mass,
+                                          want_queries=self.policy.needs_queries)
+                except Exception as e:  # noqa: BLE001 - e.g. no memory for this prompt's K/V
+                    self._fail([req], e, outs)
+                    continue
+            n = min(len(req.prompt) - req.kv.done, room)
+            plan.append((req, n))
+            room -= n
+            rows += 1
+        return plan
+
+    def _forward_chunks(self, plan: list[tuple[_Request, int]]) -> list[tuple[_Request, torch.Tensor]]:
+        """One packed forward of plan's chunks: (request, last hidden state [1, H]) for each request
+        whose whole prompt is now in."""
+        hidden = forward_prompts(self.model, [(r.kv, n) for r, n in plan], top_k=self.prefill_top_k)
+        self.stats["prefill_tokens"] += sum(n for _, n in plan)
+        ends = itertools.accumulate(n for _, n in plan)
+        return [(r, hidden[:, e - 1]) for (r, _), e in zip(plan, ends) if r.kv.done == len(r.prompt)]
+
+    def _place(self, req: _Request) -> None:
+        """A request whose whole prompt is in (req.kv) takes the next row: the policy cuts the prompt
+        to its budget, one decision for all layers as after a decode step, into the cache row."""
+        kv, req.kv = req.kv, None
         row = len(self.rows)
         self.rows.append(req.rid)
         c, pol = self.cache, self.policy
         P = len(req.prompt)
-        ids = torch.tensor([req.prompt], device=self.device)
-        q = self.queries[:, row : row + 1] if self.queries is not None else None
-        hidden, ks, vs, mass = forward_prompt(self.model, ids, want_mass=pol.needs_mass, top_k=self.prefill_top_k,
-                                              queries=q)
         c.clear(row)
-        c.tok_at[row, :P] = ids[0]
+        c.tok_at[row, :P] = kv.ids
         pos = torch.arange(P, device=self.device)
-        pos_scores = pol.prefill_scores(c, row, ids[0], pos, q, ks)  # [1, P] or None
+        pos_scores = pol.prefill_scores(c, row, kv.ids, pos, kv.q_last, kv.k)  # [1, P] or None
         keep = pos
         budget = pol.budget
         if budget is not None and P > budget:
             zeros = torch.zeros(1, P, device=self.device)
-            view = SlotView(pos[None], pos[-1:], mass if mass is not None else zeros,
-                            pos_scores)
+            view = SlotView(pos[None], pos[-1:], kv.mass[None] if kv.mass is not None else zeros, pos_scores)
             keep = select_keep(pol, view, torch.ones(1, P, dtype=torch.bool, device=self.device))
             keep = keep[0].nonzero()[:, 0]
             c.released[row, :P] = True
@@ -243,22 +326,16 @@ class Engine:
                 out = c.released[row, :P].nonzero()[:, 0]
                 if pos_scores is not None:  # best first: a store smaller than the cut keeps those
                     out = out[pos_scores[0, out].argsort(descending=True)]
-                c.store_put(torch.full_like(out, row), out, torch.stack([k[0, :, out].transpose(0, 1) for k in ks], 1),
-                            torch.stack([v[0, :, out].transpose(0, 1) for v in vs], 1), None)
+                c.store_put(torch.full_like(out, row), out, kv.k[:, :, out].permute(2, 0, 1, 3),
+                            kv.v[:, :, out].permute(2, 0, 1, 3), None)
         n = keep.numel()
-        c.k[:, row, :, :n] = torch.stack([k[0, :, keep] for k in ks])
-        c.v[:, row, :, :n] = torch.stack([v[0, :, keep] for v in vs])
+        c.k[:, row, :, :n] = kv.k[:, :, keep]
+        c.v[:, row, :, :n] = kv.v[:, :, keep]
         c.pos[row, :n] = keep
-        if mass is not None:
-            c.mass[row, :n] = mass[0, keep]
-        self.stats["prefill_tokens"] += P
+        if kv.mass is not None:
+            c.mass[row, :n] = kv.mass[keep]
         self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
-        logits = self.lm_head(hidden[:, -1:])[:, 0]  # 3-D in: DeepSpeed's sharded head slices [B, S, H]
         req.next_pos = P
-        (tok,), (lp,), (hit,) = self._choose([req], logits)
-        self._emit(req, tok, lp, hit, outs)
-        if req.finish_reason is not None:
-            self._free_rows([self.rows.index(req.rid)])
 
     def _decode(self, outs: list[StepOutput]) -> None:
         c, pol = self.cache, self.policy
@@ -334,22 +411,28 @@ class Engine:
         st["peak_step_tokens"] = max(st["peak_step_tokens"], step_tokens)
 
         # 5. next tokens
+        for req in reqs:
+            req.next_pos += 1
+        self._next_tokens(reqs, logits, outs)
+
+    # -- tokens out ------------------------------------------------------------------------------
+    def _next_tokens(self, reqs: list[_Request], logits: torch.Tensor, outs: list[StepOutput]) -> None:
+        """Choose and emit the next token of each request (in a row) from logits [n, V]; the rows of
+        those that finish are freed."""
         done, failed = [], []
         toks, lps, hits = self._choose(reqs, logits)
         for i, req in enumerate(reqs):
-            req.next_pos += 1
             try:  # per-row host work (detokenising, stop strings): a failure ends that row only
                 self._emit(req, toks[i], lps[i], hits[i], outs)
             except Exception as e:  # noqa: BLE001
                 failed.append((req, e))
                 continue
             if req.finish_reason is not None:
-                done.append(i)
+                done.append(self.rows.index(req.rid))
         self._free_rows(done)
         for req, e in failed:
             self._fail([req], e, outs)
 
-    # -- tokens out ------------------------------------------------------------------------------
     def _choose(self, reqs: list[_Request], logits: torch.Tensor
                 ) -> tuple[list[int], list[float], list[bool]]:
         """Next token, its log-probability and whether it is the argmax, for each request: logits [n, V].

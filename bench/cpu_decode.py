@@ -56,7 +56,8 @@ def prompt_ids(tok, n: int, seed: int) -> list[int]:
 def run_engine(model, tok, info, policy_name, mode, batch, max_len, prompt_len, cfg: AdoreConfig):
     cfg = replace(cfg, rebuild_mode=mode)  # the method's mode (METHODS) wins over --rebuild-mode
     eng = Engine(model, tok, make_policy(policy_name, cfg), info=info, max_batch=batch,
-                 max_seq_len=prompt_len + max_len + 2)
+                 max_seq_len=prompt_len + max_len + 2,
+                 max_prefill_tokens=batch * prompt_len)  # every prefill in the first step (left out below)
     for b in range(batch):
         eng.add_request(prompt_ids(tok, prompt_len, b), SamplingParams(max_tokens=max_len, ignore_eos=True))
     times, rows = [], []

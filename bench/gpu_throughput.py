@@ -76,7 +76,8 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
 def run_engine(lm, method, batch, length, args):
     model, tok, info = lm
     eng = Engine(model, tok, make_policy(method, AdoreConfig(**knob_values(args))), info=info, max_batch=batch,
-                 max_seq_len=args.prompt_len + length + 2, cuda_graphs=not args.no_graphs)
+                 max_seq_len=args.prompt_len + length + 2, cuda_graphs=not args.no_graphs,
+                 max_prefill_tokens=batch * args.prompt_len)  # every prefill in the first step (timed apart)
     for p in prompts(batch, args.prompt_len, model.config.vocab_size):
         eng.add_request(p, SamplingParams(max_tokens=length, ignore_eos=True))
     torch.cuda.synchronize()

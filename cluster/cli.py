@@ -46,7 +46,7 @@ def serve_args(a) -> dict:
     from adore.config import knob_values
 
     out = {"model": a.model, "policies": a.policy, "tp": a.tp, "num_replicas": a.replicas,
-           "max_batch": a.max_batch, "max_queue": a.max_queue,
+           "max_batch": a.max_batch, "max_queue": a.max_queue, "max_prefill_tokens": a.max_prefill_tokens,
            "max_ongoing_requests": a.max_ongoing_requests or a.max_batch + a.max_queue,
            **knob_values(a), "stream_interval_s": a.stream_interval,
            "controller": a.controller, "adapter": getattr(a, "adapter", None), "dtype": a.dtype,

@@ -13,6 +13,8 @@ typo fails the deployment with a clear message instead of inside a replica.
     max_queue             requests allowed to wait for an engine row per replica; beyond: 503. Serve's
                           router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
     max_seq_len           prompt + generation tokens per sequence
+    max_prefill_tokens    prompt tokens prefilled per engine step, in one packed forward (longer prompts
+                          are chunked over steps while the running sequences keep decoding)
     cache_size, top_k, rebuild, ... every AdoreConfig field: the method's knobs (see adore/config.py)
     controller            controller checkpoint (.safetensors); default: the one shipped for the model
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
@@ -36,7 +38,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from adore.config import AdoreConfig, UserError, knob_values, parse_field
+from adore.config import MAX_PREFILL_TOKENS, AdoreConfig, UserError, knob_values, parse_field
 from workers.spec import EngineSpec
 
 API_TOKEN_ENV = "ADORE_API_TOKEN"
@@ -56,6 +58,7 @@ class ServeArgs(AdoreConfig):
     max_batch: int = 16
     max_queue: int = 64
     max_seq_len: int = 4096
+    max_prefill_tokens: int = MAX_PREFILL_TOKENS
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"
@@ -155,7 +158,7 @@ class ServeArgs(AdoreConfig):
         return EngineSpec(model=self.model, policy=policy, **knob_values(self), controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
-                          threads=self.threads)
+                          max_prefill_tokens=self.max_prefill_tokens, threads=self.threads)
 
     @property
     def total_ranks(self) -> int:

@@ -55,6 +55,7 @@ def test_generate_prints_text(capsys):
     (["generate", "--prompt-file", "/no/such/file"], "file not found"),
     (["generate", "--cache-size", "0", "--prompt", "hi"], "cache size"),
     (["generate", "--max-tokens", "0", "--prompt", "hi"], "max-tokens"),
+    (["generate", "--model", "random:tiny", "--max-prefill-tokens", "0", "--prompt", "hi"], "max_prefill_tokens"),
     (["generate", "--top-k", "many", "--prompt", "hi"], "top-k"),
     (["generate", "--controller", "/no/such.safetensors", "--prompt", "hi"], "controller file"),
     (["ppl", "--text-file", "/no/such/file"], "file not found"),

@@ -64,6 +64,7 @@ BUILDER_ARGS = {
     "max_replicas",
     "max_ongoing_requests",
     "max_batch",
+    "max_prefill_tokens",
     "cache_size",
     "top_k",
     "rebuild",

@@ -53,6 +53,14 @@ def test_method_knobs_reach_the_engine_config():
     assert (a.promote_margin, a.protect_recent, a.rebuild) == (0.5, 16, 4)
 
 
+def test_engine_settings_reach_the_engine_spec():
+    cfg = ServeArgs.parse({"model": "random:tiny", "policies": "adore", "device": "cpu", "max_batch": "3",
+                           "max_seq_len": "300", "max_prefill_tokens": "512"})
+    spec = cfg.engine_spec("adore")
+    assert (spec.max_batch, spec.max_seq_len, spec.max_prefill_tokens) == (3, 300, 512)
+    assert ServeArgs.parse(k8s_args()).max_prefill_tokens == k8s_args()["max_prefill_tokens"]
+
+
 @pytest.mark.parametrize("args,msg", [
     ({"modle": "x"}, "unknown serve args"),
     ({"num_replicas": 1, "min_replicas": 1, "max_replicas": 2}, "not both"),
@@ -64,6 +72,7 @@ def test_method_knobs_reach_the_engine_config():
     ({"tp": "two"}, "bad serve arg"),
     ({"cache_size": 0}, "cache size"),
     ({"protect_recent": 192}, "protect_recent"),
+    ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
 ])
 def test_bad_args_fail_at_build_time(args, msg):
     with pytest.raises(UserError, match=msg):

@@ -77,7 +77,7 @@ class RankWorker:
             model, tok, info = spec.load_model(device)
         self.tok = tok
         self.engine = Engine(model, tok, policy, info=info, max_batch=spec.max_batch,
-                             max_seq_len=spec.max_seq_len)
+                             max_seq_len=spec.max_seq_len, max_prefill_tokens=spec.max_prefill_tokens)
         return {"rank": self.rank, "world": self.world, "pid": os.getpid(), "device": str(self.engine.device),
                 "kv_heads_local": self.engine.cache.k.shape[2], "load_s": round(time.perf_counter() - t0, 2),
                 "vocab_size": self.engine.vocab_size}

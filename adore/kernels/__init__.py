@@ -3,6 +3,8 @@
 `slot_attention` dispatches: the Triton kernel on CUDA tensors when Triton is importable (and
 ADORE_KERNELS != "torch"), else the torch reference. On CPU Triton only runs in its interpreter
 (TRITON_INTERPRET=1), hundreds of times slower, so the CPU path is always torch.
+`masked_attention` (any key mask: the engine's packed prefill, where a row sees its own prompt only)
+is the torch reference everywhere.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import os
 
 import torch
 
-from .reference import gather_slots, keep_top_k, slice_by_matmul
+from .reference import gather_slots, keep_top_k, masked_attention, slice_by_matmul
 from .reference import slot_attention as slot_attention_torch
 
-__all__ = ["slot_attention", "slot_attention_torch", "keep_top_k", "gather_slots", "slice_by_matmul", "backend"]
+__all__ = ["slot_attention", "slot_attention_torch", "masked_attention", "keep_top_k", "gather_slots",
+           "slice_by_matmul", "backend"]
 
 
 def backend(device: torch.device) -> str:

@@ -24,6 +24,45 @@ def keep_top_k(scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return scores.masked_fill(scores < kth, float("-inf"))
 
 
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    top_k: int | None = None,
+    scale: float | None = None,
+    want_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of query rows over keys where allowed[b, r, j] says which key row r may see, with
+    optional per-head top-K: the one explicit-scores attention (`slot_attention` derives `allowed`
+    from positions; the engine's packed prefill from positions and prompt ids).
+
+    q:       [B, Hq, R, D]   query rows (RoPE applied)
+    k, v:    [B, Hkv, C, D]  Hq % Hkv == 0
+    allowed: [B, R, C] bool
+    top_k:   if set, each (row, head) keeps only keys whose score is >= its K-th largest allowed
+             score (ties are kept; `keep_top_k`); None keeps every allowed key
+    A row with no allowed key (a padded row) gets zeros.
+
+    Returns out [B, Hq, R, D] in q's dtype, and if want_mass the attention probability each key
+    received, summed over heads and rows: [B, C] float32, else None. Memory: the fp32 scores
+    [B, Hq, R, C] and a few temporaries of that size.
+    """
+    B, Hq, R, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    # GQA: the G query heads that share a KV head become extra rows of one matmul.
+    qg = q.reshape(B, Hkv, G * R, D)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*R, C]
+    s = s.view(B, Hkv, G, R, C)
+    s = keep_top_k(s.masked_fill(~allowed[:, None, None], float("-inf")), top_k)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
+    out = torch.matmul(p.view(B, Hkv, G * R, C).to(v.dtype), v)
+    mass = p.sum(dim=(1, 2, 3)) if want_mass else None
+    return out.view(B, Hq, R, D).to(q.dtype), mass
+
+
 def slot_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -49,20 +88,8 @@ def slot_attention(
     Returns out [B, Hq, R, D] in q's dtype, and if want_mass the attention probability each slot
     received, summed over heads and rows: [B, C] float32 (zeros for empty slots), else None.
     """
-    B, Hq, R, D = q.shape
-    Hkv, C = k_cache.shape[1], k_cache.shape[2]
-    G = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
-    # GQA: the G query heads that share a KV head become extra rows of one matmul.
-    qg = q.reshape(B, Hkv, G * R, D)
-    s = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, Hkv, G*R, C]
-    s = s.view(B, Hkv, G, R, C)
     allowed = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= row_pos[:, :, None])  # [B, R, C]
-    s = keep_top_k(s.masked_fill(~allowed[:, None, None], float("-inf")), top_k)
-    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
-    out = torch.matmul(p.view(B, Hkv, G * R, C).to(v_cache.dtype), v_cache)
-    mass = p.sum(dim=(1, 2, 3)) if want_mass else None
-    return out.view(B, Hq, R, D).to(q.dtype), mass
+    return masked_attention(q, k_cache, v_cache, allowed, top_k, scale, want_mass)
 
 
 def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,8 @@ class AdorePolicy(Policy):
     def prefill_scores(self, cache, row, ids, pos, queries=None, keys=None):
         if self.by_attention:  # the prompt's last token's attention over the prompt
             P = len(ids)
-            k = torch.stack([kk[0] for kk in keys])[:, None]  # [L, 1, Hkv, P, D]
             ok = torch.ones(1, P, dtype=torch.bool, device=pos.device)
-            cache.feat_at[row, :P, 0] = received_attention(queries, [k], [ok], self.scale)[0][0]
+            cache.feat_at[row, :P, 0] = received_attention(queries, [keys[:, None]], [ok], self.scale)[0][0]
             return self.received_scores(cache.feat_at[row : row + 1, :, 0], pos[-1:])
         query, feats = None, None
         if self.controller is not None:

@@ -117,7 +117,7 @@ class Policy:
     def prefill_scores(self, cache, row: int, ids: torch.Tensor, pos: torch.Tensor,
                        queries: torch.Tensor | None = None, keys: list | None = None) -> torch.Tensor | None:
         """A new prompt in `row`: ids [P], pos [P]; with needs_queries also its last token's queries
-        [L, 1, Hq, D] and every layer's keys (L x [1, Hkv, P, D]). Scores of its positions [1, P]."""
+        [L, 1, Hq, D] and every layer's keys [L, Hkv, P, D]. Scores of its positions [1, P]."""
         return None
 
     def observe(self, cache, n: int, cur_pos: torch.Tensor, queries: torch.Tensor | None,

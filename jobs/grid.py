@@ -43,9 +43,11 @@ DEFAULTS: dict = {
     "dtype": "float32",
     "policies": ["full", "window", "strided", "sink", "h2o", "adore"],
     "cache_sizes": [192],
-    "top_k": 96,  # an integer, null (dense), or a fraction of the budget (0.5: K = m/2)
-    "rebuilds": [8],
-    "rebuild_modes": ["promote"],
+    # the method's defaults (AdoreConfig); top_k: an integer, null (dense), or a fraction of the budget
+    # (0.5: K = m/2)
+    "top_k": AdoreConfig().top_k,
+    "rebuilds": [AdoreConfig().rebuild],
+    "rebuild_modes": [AdoreConfig().rebuild_mode],
     "gen_lengths": [256],
     "batch_sizes": [1],
     # any AdoreConfig knob but the axes; a cell records those its policy reads (Policy.knobs)

@@ -30,6 +30,16 @@ from .config import UserError
 
 
 # -- prompt sets -----------------------------------------------------------------------------------
+def add_span_args(p, text: str) -> None:
+    """The flags of a benchmark over spans of one held-out text (bench/ppl_spans.py,
+    bench/release_rules.py): --model, --text (default `text`), --spans, --tokens, --cache-size."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--text", default=text, help="the held-out text (default: %(default)s)")
+    p.add_argument("--spans", type=int, default=5, help="spans spread evenly over the text")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens streamed per span")
+    p.add_argument("--cache-size", type=int, default=192, help="the budget m")
+
+
 def spread_spans(ids: list[int], n: int, span: int, *, reach_end: bool = False,
                  name: str = "the text") -> list[list[int]]:
     """n prompts of `span` tokens each, spread evenly over one tokenized text.

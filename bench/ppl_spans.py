@@ -20,15 +20,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adore.evaluation import add_span_args  # noqa: E402
+
+HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "austen", "northangerabbey.txt")
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "austen", "northangerabbey.txt"))
-    p.add_argument("--spans", type=int, default=5)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--cache-size", type=int, default=192)
+    add_span_args(p, HELD_OUT)
     p.add_argument("--policies", default="full,sink,h2o,window,strided,adore",
                    help="policy specs: name[:knob=value...], e.g. adore:scorer=controller:top_k=none")
     p.add_argument("--threads", type=int, default=None)

@@ -35,30 +35,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore.cli import add_knob_args, perplexity  # noqa: E402
-from adore.config import AdoreConfig, SamplingParams, knob_values, parse_knob  # noqa: E402
+from adore.config import AdoreConfig, SamplingParams, knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.evaluation import fidelity_summary, paired_bootstrap, spread_spans  # noqa: E402
 from adore.models import load_model  # noqa: E402
-from adore.policies import make_policy  # noqa: E402
+from adore.policies import make_policy, parse_policy_spec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _MODELS: dict = {}
-
-
-def parse_spec(spec: str, base: AdoreConfig) -> tuple[str, AdoreConfig, dict]:
-    """'adore:top_k=none:rebuild=4' -> (policy name, config, extras {controller, adapter}).
-    Any AdoreConfig field may be set (parsed by its type, adore/config.py)."""
-    name, *opts = spec.split(":")
-    kw, extra = dict(base.__dict__), {}
-    for o in opts:
-        k, _, v = o.partition("=")
-        if k in ("controller", "adapter"):
-            extra[k] = v
-        elif k in kw:
-            kw[k] = parse_knob(k, v)
-        else:
-            raise SystemExit(f"unknown option {k!r} in policy spec {spec!r}")
-    return name, AdoreConfig(**kw), extra
 
 
 def model_for(args, adapter: str | None):
@@ -74,7 +58,7 @@ def model_for(args, adapter: str | None):
 
 
 def engine_for(args, spec: str, max_batch: int, max_seq_len: int) -> Engine:
-    name, cfg, extra = parse_spec(spec, AdoreConfig(**knob_values(args)))
+    name, cfg, extra = parse_policy_spec(spec, AdoreConfig(**knob_values(args)))
     ctrl = None
     if extra.get("controller"):
         from adore.controller import Controller
@@ -134,7 +118,7 @@ def task_ppl(args, spec: str) -> dict:
 
     ids = held_out_ids(args)[args.offset : args.offset + args.tokens]
     eng = engine_for(args, spec, 1, args.tokens + 1)
-    name, cfg, _ = parse_spec(spec, AdoreConfig(**knob_values(args)))
+    name, cfg, _ = parse_policy_spec(spec, AdoreConfig(**knob_values(args)))
     t0 = time.perf_counter()
     if name == "oracle":  # the best m of all history by true averaged attention, every step
         res = oracle_ppl(eng.model, ids, cfg)

@@ -36,6 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adore.evaluation import add_span_args  # noqa: E402
+
+HELD_OUT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "austen", "northangerabbey.txt")
+
 
 def protected(T: int, m: int, sinks: int, recent: int, device) -> torch.Tensor:
     """[T, T] bool: positions every rule keeps at step t: the first `sinks`, the last `recent`, t."""
@@ -106,12 +110,7 @@ def rule_allowed(rule: str, A: torch.Tensor, m: int, sinks: int, recent: int) ->
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "austen", "northangerabbey.txt"))
-    p.add_argument("--spans", type=int, default=5)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--cache-size", type=int, default=192)
+    add_span_args(p, HELD_OUT)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--recent", type=int, default=16)
     p.add_argument("--rules", default="full,sink,oracle,lag1,ema:0.5,ema:0.9,max:8,tova,h2o,fut:16")

@@ -214,7 +214,8 @@ def test_cli_train_controller_and_finetune(tmp_path, capsys):
     assert main(["finetune", "--model", "random:tiny", "--text-files", emma, "--seq-len", "32",
                  "--steps", "2", "--top-k", "8", "--out", str(ad)]) == 0
     capsys.readouterr()
-    assert main(["ppl", "--model", "random:tiny", "--policy", "adore", "--scorer", "controller", "--controller", str(out),
+    assert main(["ppl", "--model", "random:tiny", "--policy", "adore", "--scorer", "controller",
+                 "--controller", str(out),
                  "--adapter", str(ad), "--cache-size", "16", "--text-file", emma, "--tokens", "40",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == 39

@@ -242,8 +242,15 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     for i in range(L):  # one layer's logits at a time: [n, Hkv, G, sum N_g]
         logits = torch.cat([torch.einsum("nhgd,nhkd->nhgk", q[i], k[i].float())
                             .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
-        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2))
-    return list((total / (L * Hq)).split([m.shape[1] for m in ok], -1))
+        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
+    # Under tensor parallelism each rank holds some of the heads: the sum over all heads is the sum
+    # over ranks, and every rank then holds the same scores (its decisions stay in lock-step).
+    dist, ranks = torch.distributed, 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        ranks = dist.get_world_size()
+    mean = (total / (L * Hq * ranks)).float()
+    return list(mean.split([m.shape[1] for m in ok], -1))
 
 
 def default_controller(model, info: ModelInfo) -> Controller:

@@ -60,8 +60,10 @@ class SlotCache:
         return self.capacity
 
     def kv_bytes_per_sequence(self) -> int:
-        """Bytes of K and V storage one sequence owns (fixed, whatever the generation length)."""
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        """Bytes of K and V storage one sequence owns, its second tier included (fixed, whatever the
+        generation length)."""
+        tiers = [t for t in (self.k, self.store_k) if t is not None]
+        return sum(2 * t[:, 0].numel() * t.element_size() for t in tiers)
 
     def valid(self, n: int) -> torch.Tensor:
         """[n, C] bool: occupied slots of the first n rows (the trash slot excluded)."""
@@ -83,10 +85,6 @@ class SlotCache:
         b = torch.arange(n, device=slots.device)[:, None]
         self.k[layer][b, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][b, :, slots] = v.transpose(1, 2).to(self.v.dtype)
-
-    def store_bytes_per_sequence(self) -> int:
-        """Bytes of the second tier one sequence owns (0 without one)."""
-        return 0 if self.store_k is None else 2 * self.store_k[:, 0].numel() * self.store_k.element_size()
 
     def stored(self, n: int) -> torch.Tensor:
         """[n, S] bool: occupied store slots of the first n rows (trash excluded)."""

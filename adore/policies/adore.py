@@ -151,9 +151,9 @@ class AdorePolicy(Policy):
         return self.position_scores(feats, pos[-1:], query)
 
     def step_scores(self, cache, n, cur_tok, cur_pos):
-        if self.by_attention:  # the current token has received nothing yet (observe scores it)
+        if self.by_attention:  # the current token has received nothing yet: observe scores the step
             cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos, 0] = 0
-            return self.received_scores(cache.feat_at[:n, :, 0], cur_pos)
+            return None
         query = None
         if self.controller is not None:
             h = self.controller.step(self.embed(cur_tok), cur_pos, cache.ctrl_h[:n])
@@ -184,8 +184,9 @@ class AdorePolicy(Policy):
     def choose_rebuild(self, cache, n, pos_scores):
         """The R best released positions (promote: only those beating the weakest cached token by
         promote_margin); they are marked not released here, as they re-enter the cache this step.
-        With rebuild_source 'stored' only tokens still in the second tier can come back."""
-        if self.rebuild == 0:
+        With rebuild_source 'stored' only tokens still in the second tier can come back. No scores
+        (the attention scorer before the layers): nothing to choose by."""
+        if self.rebuild == 0 or pos_scores is None:
             return super().choose_rebuild(cache, n, pos_scores)
         valid = cache.valid(n)
         cached = pos_scores.gather(1, cache.pos[:n, : cache.capacity].clamp(min=0))

@@ -29,9 +29,10 @@ pytestmark = pytest.mark.ray
 
 TOKEN = "test-token-123"
 ARGS = {"model": "random:tiny", "policies": "adore,full", "tp": 1, "num_replicas": 1, "max_batch": 16,
-        "max_queue": 4, "max_ongoing_requests": 40, "max_seq_len": 1024, "cache_size": 16, "top_k": 8,
+        "max_queue": 4, "max_ongoing_requests": 40, "max_seq_len": 4096, "cache_size": 16, "top_k": 8,
         "rebuild": 2, "rebuild_mode": "every", "threads": 1, "device": "cpu"}
 ADORE, FULL = "random:tiny:adore", "random:tiny:full"
+CTX = ARGS["max_seq_len"]  # tokens; the byte tokenizer makes one per character
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -233,8 +234,8 @@ BAD = [
     ("empty prompt", C, {"model": ADORE, "prompt": ""}, 400, "prompt"),
     ("empty token list", C, {"model": ADORE, "prompt": []}, 400, "prompt"),
     ("token id out of range", C, {"model": ADORE, "prompt": [5, 99999]}, 400, "prompt"),
-    ("over-long prompt", C, {"model": ADORE, "prompt": "x" * 2000, "max_tokens": 4}, 400, "prompt"),
-    ("prompt + max_tokens too long", C, {"model": ADORE, "prompt": "x" * 600, "max_tokens": 600}, 400,
+    ("over-long prompt", C, {"model": ADORE, "prompt": "x" * (CTX + 1), "max_tokens": 4}, 400, "prompt"),
+    ("prompt + max_tokens too long", C, {"model": ADORE, "prompt": "x" * (CTX // 2 + 100), "max_tokens": CTX // 2}, 400,
      "max_tokens"),
     ("negative max_tokens", C, {"model": ADORE, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("huge max_tokens", C, {"model": ADORE, "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens"),
@@ -258,7 +259,7 @@ BAD = [
     ("chat unknown model", CHAT, {"model": "gpt-4", "messages": MSG}, 404, "model"),
     ("chat negative max_tokens", CHAT, {"model": ADORE, "messages": MSG, "max_tokens": -5}, 400,
      "max_tokens"),
-    ("streamed over-long prompt", CHAT, {"model": FULL, "messages": [{"role": "user", "content": "y" * 2000}],
+    ("streamed over-long prompt", CHAT, {"model": FULL, "messages": [{"role": "user", "content": "y" * (CTX + 1)}],
                                          "stream": True}, 400, "messages"),
 ]
 
@@ -285,31 +286,45 @@ def test_unknown_route_and_method(client):
 
 # -- overload and disconnects ----------------------------------------------------------------------
 def test_overload_gets_503_with_retry_after(server, client):
-    """max_batch 16 + max_queue 4 per replica: of 30 long requests at once, some must be refused."""
+    """max_batch 16 + max_queue 4 per replica: while 20 long requests hold every row and queue place,
+    10 more are refused with 503 + Retry-After; once the holders hang up, the replica is idle again.
 
-    async def one(c, i):
-        req = {"model": FULL, "prompt": f"load {i}", "max_tokens": 400, "ignore_eos": True,
-               "temperature": 0, "stream": True}
-        async with c.stream("POST", C, json=req) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return r.status_code, r.headers.get("retry-after"), r.json()
-            async for _ in r.aiter_lines():  # hold the slot a while, then hang up
-                break
-            await asyncio.sleep(1.0)
-            return 200, None, None
+    The holders are admitted first (their 200 comes after the replica queued them) and ask for more
+    tokens than the replica can make before the probes arrive, so no timing decides the outcome."""
+    n_hold, n_probe = 16 + 4, 10
+
+    def req(i: int) -> dict:
+        return {"model": FULL, "prompt": f"load {i}", "max_tokens": CTX - 100, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+
+    async def hold(c, i, admitted: asyncio.Queue, release: asyncio.Event):
+        async with c.stream("POST", C, json=req(i)) as r:
+            await admitted.put(r.status_code)
+            await release.wait()  # hang up without reading: the driver aborts the row
+
+    async def probe(c, i):
+        async with c.stream("POST", C, json=req(i)) as r:
+            await r.aread()
+            return r.status_code, r.headers.get("retry-after"), r.json() if r.status_code != 200 else None
 
     async def main():
+        admitted, release = asyncio.Queue(), asyncio.Event()
         async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=120,
                                      limits=httpx.Limits(max_connections=64)) as c:
-            return await asyncio.gather(*(one(c, i) for i in range(30)))
+            holders = [asyncio.create_task(hold(c, i, admitted, release)) for i in range(n_hold)]
+            statuses = [await asyncio.wait_for(admitted.get(), 60) for _ in range(n_hold)]
+            try:
+                return statuses, await asyncio.wait_for(
+                    asyncio.gather(*(probe(c, n_hold + i) for i in range(n_probe))), 60)
+            finally:
+                release.set()
+                await asyncio.gather(*holders)
 
-    results = asyncio.run(main())
-    refused = [r for r in results if r[0] != 200]
-    assert refused, results
-    assert len(refused) < 30
+    statuses, refused = asyncio.run(main())
+    assert statuses == [200] * n_hold
+    assert len(refused) == n_probe
     for status, retry_after, body in refused:
-        assert status in (429, 503)
+        assert status == 503, (status, body)
         assert retry_after is not None and int(retry_after) >= 1
         assert body["error"]["code"] == "overloaded" and body["error"]["message"]
     wait_until_idle(client, FULL)

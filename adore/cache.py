@@ -71,8 +71,12 @@ class SlotCache:
 
     def used_slots(self, n: int) -> int:
         """1 + the highest occupied slot over the first n rows: attention reads slots [0, used)."""
-        occ = self.valid(n).any(0).nonzero()
-        return int(occ[-1]) + 1 if len(occ) else 1
+        return _used(self.valid(n))
+
+    def used_store_slots(self, n: int) -> int:
+        """1 + the highest occupied store slot over the first n rows (store_put fills the lowest free
+        slots first, so a store read [0, used) sees every stored token and little else)."""
+        return _used(self.stored(n))
 
     def free_slots(self, n: int, rows: int) -> torch.Tensor:
         """[n, rows] the lowest-numbered empty slots of each of the first n rows."""
@@ -107,9 +111,9 @@ class SlotCache:
         rank = torch.arange(rows.numel(), device=rows.device) - torch.searchsorted(rows, rows)  # 0, 1, .. per row
         sp = self.store_pos[:n, : self.store_size]
         prio = sp.double() if pos_scores is None else pos_scores[:n].gather(1, sp.clamp(min=0)).double()
-        prio = prio.masked_fill(sp < 0, float("-inf"))  # empty slots first
+        prio = prio.masked_fill(sp < 0, float("-inf"))  # empty slots first, the lowest-numbered first
         take = min(int(rank.max()) + 1, self.store_size)
-        dst_of = prio.topk(take, dim=1, largest=False).indices  # [n, take] the slots to (over)write
+        dst_of = prio.sort(dim=1, stable=True).indices[:, :take]  # [n, take] the slots to (over)write
         ok = rank < take
         rows, rank = rows[ok], rank[ok]
         dst = dst_of[rows, rank]
@@ -148,3 +152,9 @@ class SlotCache:
             if t is not None:
                 t[dst] = t[src]
         self.clear(src)
+
+
+def _used(occupied: torch.Tensor) -> int:
+    """occupied [n, S] bool -> 1 + the highest column occupied in any row (1 when none is)."""
+    occ = occupied.any(0).nonzero()
+    return int(occ[-1]) + 1 if len(occ) else 1

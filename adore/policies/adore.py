@@ -171,9 +171,10 @@ class AdorePolicy(Policy):
         used = cache.used_slots(n)
         keys, ok, where = [cache.k[:, :n, :, :used]], [cache.valid(n)[:, :used]], [cache.pos[:n, :used]]
         if cache.store_k is not None:
-            keys.append(cache.store_k[:, :n, :, : cache.store_size])
-            ok.append(cache.stored(n))
-            where.append(cache.store_pos[:n, : cache.store_size])
+            held = cache.used_store_slots(n)
+            keys.append(cache.store_k[:, :n, :, :held])
+            ok.append(cache.stored(n)[:, :held])
+            where.append(cache.store_pos[:n, :held])
         got = received_attention(queries, keys, ok, self.scale)
         e = cache.feat_at[:n, :, 0]
         e.mul_(d)

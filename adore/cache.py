@@ -71,12 +71,15 @@ class SlotCache:
 
     def used_slots(self, n: int) -> int:
         """1 + the highest occupied slot over the first n rows: attention reads slots [0, used)."""
-        return _used(self.valid(n))
+        return int(_used(self.valid(n)))
 
-    def used_store_slots(self, n: int) -> int:
-        """1 + the highest occupied store slot over the first n rows (store_put fills the lowest free
-        slots first, so a store read [0, used) sees every stored token and little else)."""
-        return _used(self.stored(n))
+    def used_both(self, n: int) -> tuple[int, int]:
+        """used_slots(n) and the same for the second tier (store_put fills the lowest free store slots
+        first, so a store read [0, used) sees every stored token and little else), in one transfer."""
+        if self.store_pos is None:
+            return self.used_slots(n), 0
+        a, b = torch.stack([_used(self.valid(n)), _used(self.stored(n))]).tolist()
+        return a, b
 
     def free_slots(self, n: int, rows: int) -> torch.Tensor:
         """[n, rows] the lowest-numbered empty slots of each of the first n rows."""
@@ -107,12 +110,14 @@ class SlotCache:
         A row's free store slots are used first, then its lowest-scored stored tokens (pos_scores
         [rows, P]; None: the oldest) are dropped for good; a row putting more tokens than its store
         holds keeps the first store_size of them."""
-        n = int(rows.max()) + 1
+        # rows (like pos_scores) cover the first n rows; rows.numel() bounds what one row puts (both
+        # known on the host: no device sync)
+        n = pos_scores.shape[0] if pos_scores is not None else self.store_pos.shape[0]
         rank = torch.arange(rows.numel(), device=rows.device) - torch.searchsorted(rows, rows)  # 0, 1, .. per row
         sp = self.store_pos[:n, : self.store_size]
         prio = sp.double() if pos_scores is None else pos_scores[:n].gather(1, sp.clamp(min=0)).double()
         prio = prio.masked_fill(sp < 0, float("-inf"))  # empty slots first, the lowest-numbered first
-        take = min(int(rank.max()) + 1, self.store_size)
+        take = min(rows.numel(), self.store_size)
         dst_of = prio.sort(dim=1, stable=True).indices[:, :take]  # [n, take] the slots to (over)write
         ok = rank < take
         rows, rank = rows[ok], rank[ok]
@@ -154,7 +159,8 @@ class SlotCache:
         self.clear(src)
 
 
-def _used(occupied: torch.Tensor) -> int:
-    """occupied [n, S] bool -> 1 + the highest column occupied in any row (1 when none is)."""
-    occ = occupied.any(0).nonzero()
-    return int(occ[-1]) + 1 if len(occ) else 1
+def _used(occupied: torch.Tensor) -> torch.Tensor:
+    """occupied [n, S] bool -> 1 + the highest column occupied in any row (1 when none is), a 0-d
+    tensor on the device (the caller moves it to the host once)."""
+    cols = torch.arange(1, occupied.shape[1] + 1, device=occupied.device)
+    return (occupied.any(0) * cols).max().clamp(min=1)

@@ -54,10 +54,15 @@ class AdoreConfig:
     protect_sinks: int = knob(0, "adore: the first N positions are never released (attention sinks, "
                               "which StreamingLLM keeps; the controller picks the rest)")
     scorer: str = knob("attention", "adore: what scores past tokens: 'attention' (the attention the current "
-                       "token gives every cached and stored token, decayed over steps) or 'controller' (the "
-                       "paper's GRU over token embeddings and positions)", choices=("attention", "controller"))
+                       "token gives every cached and stored token, decayed over steps), 'learned' (the v2 "
+                       "controller: an MLP over that attention at several decays and the distance, trained "
+                       "on future attention; shipped per model) or 'controller' (the paper's GRU over token "
+                       "embeddings and positions)", choices=("attention", "learned", "controller"))
     score_decay: float = knob(0.5, "adore scorer 'attention': weight of the past steps' attention in a token's "
                               "score (0: the last step only)")
+    score_layers: int | None = knob(None, "adore scorers 'attention', 'learned': how many layers' queries score the "
+                                    "tokens, evenly spaced from the first layer to the last (none or 0: all)",
+                                    none_aliases=(0,))
     rebuild_source: str = knob("stored", "adore: where a rebuilt token's K/V comes from: 'stored' (the K/V "
                                "kept when it was released, exact) or 'recompute' (run it through the layers "
                                "again, the paper)", choices=("stored", "recompute"))
@@ -84,10 +89,12 @@ class AdoreConfig:
                                       and self.protect_sinks + self.protect_recent >= self.cache_size):
             raise UserError(f"protect_sinks must be >= 0 and, with protect_recent, below the cache size, "
                             f"got {self.protect_sinks}")
-        if self.scorer not in ("attention", "controller"):
-            raise UserError(f"scorer must be 'attention' or 'controller', got {self.scorer!r}")
+        if self.scorer not in ("attention", "learned", "controller"):
+            raise UserError(f"scorer must be 'attention', 'learned' or 'controller', got {self.scorer!r}")
         if not 0.0 <= self.score_decay < 1.0:
             raise UserError(f"score_decay must be in [0, 1), got {self.score_decay}")
+        if self.score_layers is not None and self.score_layers < 1:
+            raise UserError(f"score_layers must be >= 1 (or none), got {self.score_layers}")
         if self.rebuild_source not in ("stored", "recompute"):
             raise UserError(f"rebuild_source must be 'stored' or 'recompute', got {self.rebuild_source!r}")
         if self.store_size < 0:

@@ -51,7 +51,7 @@ from .config import MAX_PREFILL_TOKENS, SamplingParams, UserError
 from .models import ModelInfo
 from .policies import Policy, SlotView, select_keep
 from .policies.base import nothing_rebuilt
-from .sampling import Detokenizer, make_generator, pick_token
+from .sampling import Detokenizer, draw_uniforms, make_generator, sample_tokens
 
 
 @dataclass
@@ -353,7 +353,9 @@ class Engine:
         pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
         stored = pol.rebuild_source == "stored"
         rb_pos, rb_ok = nothing_rebuilt(c, n) if stored else pol.choose_rebuild(c, n, pos_scores)
-        self.stats["rebuilt"] += int(rb_ok.sum()) if rb_ok.numel() else 0
+        # this step's figures stay on the device and reach the host with the tokens (one transfer):
+        # recomputed rebuilds, attended tokens, cached tokens after the cut, stored tokens
+        counts = [rb_ok.sum()]
 
         # 3. rows -> free slots -> all layers
         ids = torch.cat([c.tok_at[:n].gather(1, rb_pos), cur_tok[:, None]], 1)
@@ -362,7 +364,7 @@ class Engine:
         slots = torch.where(row_pos >= 0, slots, c.trash)
         c.pos[:n].scatter_(1, slots, row_pos)  # padded rows write -1 into the trash slot
         c.mass[:n].scatter_(1, slots, torch.zeros_like(row_pos, dtype=c.mass.dtype))
-        step_tokens = int(c.valid(n).sum(1).max())
+        counts.append(c.valid(n).sum(1).max())
         q = self.queries[:, :n] if self.queries is not None else None
         if self.graphed is not None:
             hidden, mass = self.graphed(ids, row_pos, slots)
@@ -390,37 +392,39 @@ class Engine:
                                "pos_scores": None if pos_scores is None else pos_scores.clone(),
                                "step_pos": c.pos[:n, : c.capacity].clone(),
                                "mass": c.mass[:n, : c.capacity].clone()})
-        if pol.budget is not None:
+        if pol.budget is not None:  # (rows under the budget keep every valid slot: nothing drops)
             valid = c.valid(n)
-            if bool((valid.sum(1) > pol.budget).any()):
-                view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
-                drop = valid & ~select_keep(pol, view, valid)
-                b, j = drop.nonzero(as_tuple=True)
-                c.stash(b, j, pos_scores)
-                c.released[b, c.pos[b, j]] = True
-                c.pos[b, j] = -1
-                c.mass[b, j] = 0
-                self.stats["released"] += int(b.numel())
-        held = int(c.valid(n).sum(1).max())
-        st = self.stats
-        if c.store_pos is not None:
-            st["stored_tokens"] = int(c.stored(n).sum())
-        st["steps"] += 1
-        st["decode_tokens"] += n
-        st["peak_cache_tokens"] = max(st["peak_cache_tokens"], held)
-        st["peak_step_tokens"] = max(st["peak_step_tokens"], step_tokens)
+            view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
+            drop = valid & ~select_keep(pol, view, valid)
+            b, j = drop.nonzero(as_tuple=True)
+            c.stash(b, j, pos_scores)
+            c.released[b, c.pos[b, j]] = True
+            c.pos[b, j] = -1
+            c.mass[b, j] = 0
+            self.stats["released"] += int(b.numel())  # nonzero's size is on the host already
+        counts.append(c.valid(n).sum(1).max())
+        counts.append(c.stored(n).sum() if c.store_pos is not None else counts[-1].new_zeros(()))
 
         # 5. next tokens
         for req in reqs:
             req.next_pos += 1
-        self._next_tokens(reqs, logits, outs)
+        rebuilt, step_tokens, held, stored_now = self._next_tokens(reqs, logits, outs, torch.stack(counts))
+        st = self.stats
+        st["rebuilt"] += int(rebuilt)
+        if c.store_pos is not None:
+            st["stored_tokens"] = int(stored_now)
+        st["steps"] += 1
+        st["decode_tokens"] += n
+        st["peak_cache_tokens"] = max(st["peak_cache_tokens"], int(held))
+        st["peak_step_tokens"] = max(st["peak_step_tokens"], int(step_tokens))
 
     # -- tokens out ------------------------------------------------------------------------------
-    def _next_tokens(self, reqs: list[_Request], logits: torch.Tensor, outs: list[StepOutput]) -> None:
+    def _next_tokens(self, reqs: list[_Request], logits: torch.Tensor, outs: list[StepOutput],
+                     extra: torch.Tensor | None = None) -> list[float]:
         """Choose and emit the next token of each request (in a row) from logits [n, V]; the rows of
-        those that finish are freed."""
+        those that finish are freed. extra [k]: device figures that cross with the tokens (returned)."""
         done, failed = [], []
-        toks, lps, hits = self._choose(reqs, logits)
+        toks, lps, hits, extra = self._choose(reqs, logits, extra)
         for i, req in enumerate(reqs):
             try:  # per-row host work (detokenising, stop strings): a failure ends that row only
                 self._emit(req, toks[i], lps[i], hits[i], outs)
@@ -432,13 +436,15 @@ class Engine:
         self._free_rows(done)
         for req, e in failed:
             self._fail([req], e, outs)
+        return extra
 
-    def _choose(self, reqs: list[_Request], logits: torch.Tensor
-                ) -> tuple[list[int], list[float], list[bool]]:
-        """Next token, its log-probability and whether it is the argmax, for each request: logits [n, V].
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor, extra: torch.Tensor | None = None
+                ) -> tuple[list[int], list[float], list[bool], list[float]]:
+        """Next token, its log-probability and whether it is the argmax, for each request: logits [n, V];
+        and extra [k] (figures the step kept on the device), as floats.
 
-        Greedy and forced rows are decided in one batched op and cross to the host once (a per-row
-        `.item()` would cost one device sync per sequence)."""
+        Greedy, forced and sampled rows are decided in batched ops and cross to the host once (a
+        per-row `.item()` would cost one device sync per sequence)."""
         n = len(reqs)
         greedy = torch.argmax(logits, dim=-1)
         tok = greedy.clone()
@@ -446,12 +452,20 @@ class Engine:
         if forced:
             tok[forced] = torch.tensor([reqs[i].params.forced_tokens[len(reqs[i].out)] for i in forced],
                                        device=tok.device)
-        for i, r in enumerate(reqs):  # sampled rows: each with its own seeded generator
-            if r.params.forced_tokens is None and r.params.temperature > 0:
-                tok[i] = pick_token(logits[i], r.params.temperature, r.params.top_p, r.gen)
+        sampled = [i for i, r in enumerate(reqs) if r.params.forced_tokens is None and r.params.temperature > 0]
+        if sampled:  # in one batch; each row draws from its own seeded generator
+            dev, ps = tok.device, [reqs[i].params for i in sampled]
+            rows = torch.tensor(sampled, device=dev)
+            tok[rows] = sample_tokens(logits[rows], torch.tensor([p.temperature for p in ps], device=dev),
+                                      torch.tensor([p.top_p for p in ps], device=dev),
+                                      draw_uniforms([reqs[i].gen for i in sampled], dev))
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
-        both = torch.stack([tok.double(), logp.double(), (tok == greedy).double()]).cpu()  # one transfer
-        return [int(t) for t in both[0, :n]], both[1, :n].tolist(), [bool(h) for h in both[2, :n]]
+        flat = torch.stack([tok.double(), logp.double(), (tok == greedy).double()]).flatten()
+        if extra is not None:
+            flat = torch.cat([flat, extra.double()])
+        host = flat.tolist()  # the step's one device-to-host transfer
+        return ([int(t) for t in host[:n]], host[n : 2 * n], [h > 0.5 for h in host[2 * n : 3 * n]],
+                host[3 * n :])
 
     def _emit(self, req: _Request, tok: int, logprob: float, top1: bool, outs: list[StepOutput]) -> None:
         p = req.params

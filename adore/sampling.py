@@ -14,27 +14,40 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     return g
 
 
-def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """logits [V] -> token id. temperature 0 is greedy (argmax, lowest id on ties).
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """Sampled token ids for a batch of rows, in batched ops without a device-to-host sync.
 
-    Whatever the temperature, the probabilities stay finite: the logits are shifted so that their
-    maximum is 0 before dividing (so nothing overflows to inf), and a row that still holds no usable
-    probability (NaN logits from the model) falls back to the argmax instead of failing the step.
+    Parameters
+    ----------
+    logits : [n, V]
+    temperature : [n] > 0 (greedy rows take the argmax without coming here)
+    top_p : [n] in (0, 1]: each row samples from the smallest prefix of its sorted probabilities
+        whose mass reaches top_p (always at least one token)
+    uniform : [n] in [0, 1), drawn from each row's own seeded generator (`draw_uniforms`), so a
+        request's tokens depend on its seed only, not on the rows beside it
+
+    Returns
+    -------
+    [n] long. The logits are shifted so that their maximum is 0 before dividing, so no temperature
+    overflows to inf; a row with no usable probability (NaN logits from the model) takes its argmax.
     """
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
     x = logits.float()
-    z = (x - x.max()) / max(float(temperature), 1e-30)
+    z = (x - x.max(-1, keepdim=True).values) / temperature.float().clamp(min=1e-30)[:, None]
     probs = torch.softmax(z, dim=-1)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-        return int(torch.argmax(logits))
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = (torch.cumsum(sp, 0) - sp) >= top_p
-        sp = sp.masked_fill(drop, 0.0)
-        return int(si[torch.multinomial(sp, 1, generator=gen)])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    bad = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
+    sp, si = torch.sort(probs.nan_to_num(0.0), dim=-1, descending=True)
+    sp = sp.masked_fill((torch.cumsum(sp, -1) - sp) >= top_p.float()[:, None], 0.0)
+    mass = torch.cumsum(sp, -1)
+    # inverse CDF: the first sorted token whose cumulative mass exceeds u * (the kept mass)
+    at = torch.searchsorted(mass, (uniform.float() * mass[:, -1])[:, None], right=True)
+    tok = si.gather(1, at.clamp(max=logits.shape[-1] - 1))[:, 0]
+    return torch.where(bad, torch.argmax(logits, dim=-1), tok)
+
+
+def draw_uniforms(gens: list[torch.Generator], device) -> torch.Tensor:
+    """[len(gens)] one uniform in [0, 1) from each row's generator (no sync: values stay on device)."""
+    return torch.stack([torch.rand((), generator=g, device=device) for g in gens])
 
 
 class Detokenizer:

@@ -151,18 +151,47 @@ def test_top1_flags_forced_tokens_against_greedy(tiny):
     assert other.logprobs[7] < greedy.logprobs[7]
 
 
-def test_sampling_never_makes_nan_and_bounds_are_user_errors():
+def test_sampling_never_makes_nan():
     import torch
 
-    from adore.sampling import pick_token
+    from adore.sampling import sample_tokens
 
     for t in (1e-50, 5e-324):  # issue 16: once NaN probabilities and a dead engine loop
         assert SamplingParams(temperature=t).temperature == 0.0  # greedy below 1e-5
+
+    def pick(logits, temperature, top_p, u=0.5):
+        one = torch.tensor
+        return int(sample_tokens(logits[None], one([temperature]), one([top_p]), one([u]))[0])
+
     logits = torch.tensor([1.0, 3.0, 2.0, -1e30])
-    gen = torch.Generator().manual_seed(0)
-    assert pick_token(logits, 1e-30, 1.0, gen) == 1  # shifted before dividing: no inf - inf
-    assert pick_token(torch.tensor([float("nan")] * 4), 0.7, 0.9, gen) in range(4)
-    assert pick_token(torch.tensor([0.0, float("inf"), 0.0]), 1.0, 1.0, gen) == 1
+    assert pick(logits, 1e-30, 1.0) == 1  # shifted before dividing: no inf - inf
+    assert pick(torch.tensor([float("nan")] * 4), 0.7, 0.9) in range(4)
+    assert pick(torch.tensor([0.0, float("inf"), 0.0]), 1.0, 1.0) == 1
+    for u in (0.0, 0.999999):  # the ends of the inverse CDF stay inside the kept tokens
+        assert pick(logits, 1.0, 0.5, u) == 1 and pick(logits, 1.0, 1.0, u) in (0, 1, 2)
+
+
+def test_sampled_tokens_follow_temperature_and_top_p():
+    """Batched sampling draws from softmax(logits / T) restricted to the top-p prefix."""
+    import torch
+
+    from adore.sampling import sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    n = logits.shape[0]
+    u = torch.rand(n, generator=g)
+    for temp, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
+        tok = sample_tokens(logits, torch.full((n,), temp), torch.full((n,), top_p), u)
+        want = torch.softmax(logits[0] / temp, -1)
+        sp, si = want.sort(descending=True)
+        keep = (sp.cumsum(0) - sp) < top_p
+        want = torch.zeros(4).index_put_((si[keep],), sp[keep])
+        got = torch.bincount(tok, minlength=4).float() / n
+        assert torch.allclose(got, want / want.sum(), atol=0.015), (temp, top_p, got, want)
+
+
+def test_sampling_bounds_are_user_errors():
     for kw in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"temperature": float("nan")}, {"temperature": 2.5},
                {"top_p": float("nan")}):
         with pytest.raises(UserError):
@@ -219,3 +248,39 @@ def test_the_engine_decides_by_the_model_info_from_load_model(tiny):
     assert plain.prefill_top_k is None and tuned.prefill_top_k == 4  # the policy's K, as in decode
     assert find_controller(info) is None and find_controller(ModelInfo()) is None
     assert find_controller(ModelInfo(name="smollm2-135m")).name == "smollm2-135m.safetensors"
+
+
+SYNC_METHODS = ("__int__", "__bool__", "__float__", "__index__", "item", "tolist", "nonzero", "cpu")
+
+
+@pytest.mark.parametrize("policy,most", [("full", 2), ("sink", 3), ("h2o", 3), ("adore", 7)])
+def test_a_decode_step_crosses_to_the_host_a_few_times_not_per_row(tiny, monkeypatch, policy, most):
+    """Issue "Engine": token choice (greedy and sampled rows), stop checks and stats are batched; the
+    step's figures cross with the tokens in one transfer. Counted here as the tensor-to-host calls a
+    step makes (on a GPU each one waits for the device), with 4 rows, half of them sampled."""
+    import torch
+
+    from adore import AdoreConfig
+
+    model, tok, info = tiny
+    eng = Engine(model, tok, make_policy(policy, AdoreConfig(cache_size=16)), info=info, max_batch=4,
+                 max_seq_len=256)
+    for i in range(4):
+        eng.add_request(list(range(3 + i, 40 + i)), SamplingParams(max_tokens=100, ignore_eos=True,
+                                                                   temperature=0.7 * (i % 2), seed=i))
+    for _ in range(30):  # past the budget: releases (and adore's second tier) every step
+        eng.step()
+    calls = []
+    for name in SYNC_METHODS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(10):
+        eng.step()
+    monkeypatch.undo()
+    assert eng.n_active == 4
+    assert len(calls) / 10 <= most, sorted(set(calls))

@@ -318,3 +318,39 @@ def test_topk_attention_per_layer_k():
     assert torch.allclose(logits(None), dense, atol=1e-6)  # per-layer K from the last call is gone
     # the K is kept beside the model, not on it
     assert not hasattr(model.config, "adore_top_k") and not hasattr(model.model.layers[0].self_attn, "adore_top_k")
+
+
+def test_scorer_rows_are_decayed_attention_and_future_attention():
+    """The v2 scorer's training rows: features = the decayed averages AdorePolicy.observe keeps,
+    label = the attention each position receives from the next `horizon` queries."""
+    from adore.train.scorer import ScorerTrainConfig, rows_of
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(40, 40, generator=g).tril()
+    A = A / A.sum(1, keepdim=True)
+    d = rows_of(A, (0.0, 0.5), ScorerTrainConfig(horizon=3, rows_from=10, row_stride=5))
+    assert d["t"].tolist() == [10, 15, 20, 25, 30, 35]
+    for r, t in enumerate(d["t"].tolist()):
+        torch.testing.assert_close(d["label"][r], A[t + 1 : t + 4].sum(0))
+        torch.testing.assert_close(d["ema"][r][:, 0], A[t])
+        ema = torch.zeros(40)
+        for s in range(t + 1):
+            ema = 0.5 * ema + 0.5 * A[s]
+        torch.testing.assert_close(d["ema"][r][:, 1], ema)
+
+
+def test_scorer_training_writes_a_scorer_the_policy_loads(tmp_path):
+    from adore.scorer import LearnedScorer
+    from adore.train.scorer import main as train_scorer
+
+    out = tmp_path / "scorer.safetensors"
+    emma = str(Path(__file__).resolve().parents[1] / "data" / "austen" / "emma.txt")
+    assert train_scorer(["--model", "random:tiny", "--text-files", emma, "--heldout-file", emma, "--per-text", "1",
+                         "--seq-len", "96", "--rows-from", "16", "--budget", "16", "--steps", "20",
+                         "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["heldout_recall_at_m"]) == {"learned", "ema_0.5"} and report["command"]
+    scorer = LearnedScorer.load(str(out))
+    pol = make_policy("adore", AdoreConfig(cache_size=16, scorer="learned"))
+    pol.learned = scorer
+    assert scorer.n_features == len(pol.decays) == 3

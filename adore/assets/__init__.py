@@ -1,4 +1,5 @@
-"""Files shipped with the package: trained controllers (controllers/<model>.safetensors)."""
+"""Files shipped with the package: trained controllers (controllers/<model>.safetensors: the paper's GRU;
+scorers/<model>.safetensors: the v2 controller over received attention, adore/scorer.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ if TYPE_CHECKING:
 HERE = Path(__file__).parent
 
 
-def find_controller(info: ModelInfo) -> Path | None:
-    """The shipped controller for a model (its ModelInfo from adore.models.load_model), if one exists."""
+def find_controller(info: ModelInfo, kind: str = "controllers") -> Path | None:
+    """The shipped controller ("controllers") or v2 scorer ("scorers") for a model (its ModelInfo from
+    adore.models.load_model), if one exists."""
     if not info.name:
         return None
-    path = HERE / "controllers" / f"{info.name.replace(':', '_')}.safetensors"
+    path = HERE / kind / f"{info.name.replace(':', '_')}.safetensors"
     return path if path.exists() else None

@@ -17,6 +17,9 @@ Scorers (`scorer`):
               layers and heads and decayed over steps (score_decay), for cached and stored tokens
               alike: the current token's queries meet the cached keys and the second tier's stored
               keys once per step, after the layers. Sinks and recent tokens can be protected.
+  learned     the v2 controller (adore/scorer.py): the same received attention kept at several decays,
+              with the distance and sink-ness, through an MLP trained on the attention each token
+              receives over the next steps (adore/train/scorer.py; shipped per model)
   controller  the paper's GRU over token embeddings and positions (adore/controller.py)
 
 Rebuild source (`rebuild_source`):
@@ -35,8 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import UserError
 from ..controller import Controller
 from ..models import ModelInfo
+from ..scorer import LearnedScorer
 from .base import BIG, Policy, SlotView
 
 
@@ -45,9 +50,10 @@ class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
     knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks",
-             "scorer", "score_decay", "rebuild_source", "store_size")
+             "scorer", "score_decay", "score_layers", "rebuild_source", "store_size")
     controller: Controller | None = field(default=None, repr=False)
     embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
+    learned: LearnedScorer | None = field(default=None, repr=False)  # scorer 'learned' (bind loads it)
 
     @property
     def rebuild(self) -> int:
@@ -59,7 +65,13 @@ class AdorePolicy(Policy):
 
     @property
     def by_attention(self) -> bool:
-        return self.uses_controller and self.cfg.scorer == "attention"
+        """Scored from the attention each token receives (scorers 'attention' and 'learned')."""
+        return self.uses_controller and self.cfg.scorer in ("attention", "learned")
+
+    @property
+    def decays(self) -> tuple[float, ...]:
+        """The decayed averages of received attention kept per position (by_attention)."""
+        return self.learned.cfg.decays if self.cfg.scorer == "learned" else (self.cfg.score_decay,)
 
     @property
     def needs_queries(self) -> bool:
@@ -99,11 +111,14 @@ class AdorePolicy(Policy):
         return s.masked_fill(dist < 0, float("-inf"))
 
     def received_scores(self, received: torch.Tensor, cur_pos: torch.Tensor) -> torch.Tensor:
-        """Scorer 'attention': received [n, >= P] each position's decayed received attention ->
-        scores [n, P] (its log), with the policy's rules (protected sinks and recent, -inf ahead)."""
+        """received [n, >= P, F] each position's decayed received attention (one per decay) -> scores
+        [n, P] (scorer 'attention': its log; 'learned': the scorer's), with the policy's rules
+        (protected sinks and recent, -inf ahead)."""
         P = int(cur_pos.max()) + 1
         dist = cur_pos[:, None] - torch.arange(P, device=cur_pos.device)[None, :]
-        return self.rule_scores(torch.log(received[:, :P].double() + 1e-12), dist)
+        if self.learned is not None:
+            return self.rule_scores(self.learned(received[:, :P], dist).double(), dist)
+        return self.rule_scores(torch.log(received[:, :P, 0].double() + 1e-12), dist)
 
     @property
     def static(self) -> bool:
@@ -121,8 +136,23 @@ class AdorePolicy(Policy):
         from ..attention import attention_scale
 
         self.scale = attention_scale(model)
+        L, k = model.config.num_hidden_layers, self.cfg.score_layers
+        # the layers whose queries score: evenly spaced (k >= 2: the first and the last among them)
+        self.scoring_layers = list(range(L)) if k is None or k >= L else \
+            sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
         if self.by_attention:
             self.controller = None
+            if self.cfg.scorer == "learned" and self.learned is None:
+                from ..assets import find_controller
+
+                path = find_controller(info, "scorers")
+                if path is None:
+                    raise UserError(f"scorer 'learned': no trained scorer is shipped for model {info.name!r}; "
+                                    f"train one with `python -m adore.train.scorer` (see adore/assets/scorers/"
+                                    f"MADE.md) or use scorer 'attention'")
+                self.learned = LearnedScorer.load(str(path))
+            if self.learned is not None:
+                self.learned.to(device).eval().requires_grad_(False)
         elif self.uses_controller and self.controller is None:
             self.controller = default_controller(model, info)
         if self.controller is not None:
@@ -131,7 +161,7 @@ class AdorePolicy(Policy):
 
     def state_dims(self) -> tuple[int, int]:
         if self.by_attention:
-            return 1, 0  # per position: its decayed received attention
+            return len(self.decays), 0  # per position: its decayed received attention, per decay
         c = self.controller
         return (c.cfg.score_dim + 1, c.cfg.hidden_dim) if c is not None else (0, 0)
 
@@ -139,8 +169,9 @@ class AdorePolicy(Policy):
         if self.by_attention:  # the prompt's last token's attention over the prompt
             P = len(ids)
             ok = torch.ones(1, P, dtype=torch.bool, device=pos.device)
-            cache.feat_at[row, :P, 0] = received_attention(queries, [keys[:, None]], [ok], self.scale)[0][0]
-            return self.received_scores(cache.feat_at[row : row + 1, :, 0], pos[-1:])
+            got = received_attention(queries, [keys[:, None]], [ok], self.scale, self.scoring_layers)[0][0]
+            cache.feat_at[row, :P] = got[:, None]  # every average starts from it
+            return self.received_scores(cache.feat_at[row : row + 1], pos[-1:])
         query, feats = None, None
         if self.controller is not None:
             h = self.controller.run(self.embed(ids), pos)  # [P, H]: the GRU over the prompt
@@ -152,7 +183,7 @@ class AdorePolicy(Policy):
 
     def step_scores(self, cache, n, cur_tok, cur_pos):
         if self.by_attention:  # the current token has received nothing yet: observe scores the step
-            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos, 0] = 0
+            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos] = 0
             return None
         query = None
         if self.controller is not None:
@@ -163,23 +194,22 @@ class AdorePolicy(Policy):
         return self.position_scores(cache.feat_at, cur_pos, query)
 
     def observe(self, cache, n, cur_pos, queries, pos_scores):
-        """Scorer 'attention': fold this step's received attention into every cached and stored
-        token's decayed score; the cut then uses the updated scores."""
+        """Scorers 'attention' and 'learned': fold this step's received attention into every cached
+        and stored token's decayed averages; the cut then uses the updated scores."""
         if not self.by_attention:
             return pos_scores
-        d = self.cfg.score_decay
-        used = cache.used_slots(n)
+        d = torch.tensor(self.decays, device=cur_pos.device)  # [F]
+        used, held = cache.used_both(n)
         keys, ok, where = [cache.k[:, :n, :, :used]], [cache.valid(n)[:, :used]], [cache.pos[:n, :used]]
         if cache.store_k is not None:
-            held = cache.used_store_slots(n)
             keys.append(cache.store_k[:, :n, :, :held])
             ok.append(cache.stored(n)[:, :held])
             where.append(cache.store_pos[:n, :held])
-        got = received_attention(queries, keys, ok, self.scale)
-        e = cache.feat_at[:n, :, 0]
+        got = received_attention(queries, keys, ok, self.scale, self.scoring_layers)
+        e = cache.feat_at[:n]  # [n, P, F]
         e.mul_(d)
         for a, m, p in zip(got, ok, where):
-            e.scatter_add_(1, p.clamp(min=0), (1 - d) * a * m)
+            e.scatter_add_(1, p.clamp(min=0)[..., None].expand(-1, -1, len(d)), (1 - d) * (a * m)[..., None])
         return self.received_scores(e, cur_pos)
 
     def choose_rebuild(self, cache, n, pos_scores):
@@ -196,17 +226,19 @@ class AdorePolicy(Policy):
         if self.rebuild_source == "stored":
             sp = cache.store_pos[:n, : cache.store_size]
             back = torch.zeros_like(back).scatter_(1, sp.clamp(min=0), sp >= 0)
-        rb_pos, rb_ok = self.pick_released(pos_scores, back, cached_min)
+        # recomputed rebuilds run as query rows: trim the columns no row uses (stored ones are copies)
+        rb_pos, rb_ok = self.pick_released(pos_scores, back, cached_min, trim=self.rebuild_source == "recompute")
         b, j = rb_ok.nonzero(as_tuple=True)
         cache.released[b, rb_pos[b, j]] = False
         return rb_pos, rb_ok
 
-    def pick_released(self, pos_scores: torch.Tensor, released: torch.Tensor,
-                      cached_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick_released(self, pos_scores: torch.Tensor, released: torch.Tensor, cached_min: torch.Tensor,
+                      trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick released positions to rebuild.
 
         pos_scores [n, P]; released [n, P] bool; cached_min [n] the weakest cached token's score.
-        Returns positions [n, r] and validity [n, r] (r <= R, the most any row rebuilds this step)."""
+        Returns positions [n, r] and validity [n, r] (trim: r <= R, the most any row rebuilds this
+        step, which costs a device sync; else r = R)."""
         n = pos_scores.shape[0]
         R = min(self.rebuild, pos_scores.shape[1])
         if R == 0:
@@ -217,12 +249,14 @@ class AdorePolicy(Policy):
         s = pos_scores.masked_fill(~cand, float("-inf"))
         top = s.topk(R, dim=1)
         ok = torch.isfinite(top.values)
-        r = int(ok.sum(1).max()) if ok.any() else 0
+        if not trim:
+            return top.indices, ok
+        r = int(ok.sum(1).max())
         return top.indices[:, :r], ok[:, :r]
 
 
 def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
-                       scale: float) -> list[torch.Tensor]:
+                       scale: float, layers: list[int] | None = None) -> list[torch.Tensor]:
     """The attention one query per sequence gives sets of keys, averaged over layers and heads.
 
     Parameters
@@ -231,6 +265,7 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     keys : groups of keys [L, n, Hkv, N_g, D] (the cache's slots, the second tier's), softmaxed together
     ok : per group [n, N_g] bool, which keys exist
     scale : the model's softmax scale
+    layers : the layers to average over (None: all L)
 
     Returns
     -------
@@ -240,8 +275,9 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     L, n, Hq, D = queries.shape
     G = Hq // keys[0].shape[2]
     q = queries.reshape(L, n, -1, G, D).float()  # [L, n, Hkv, G, D]
+    layers = range(L) if layers is None else layers
     total = 0
-    for i in range(L):  # one layer's logits at a time: [n, Hkv, G, sum N_g]
+    for i in layers:  # one layer's logits at a time: [n, Hkv, G, sum N_g]
         logits = torch.cat([torch.einsum("nhgd,nhkd->nhgk", q[i], k[i].float())
                             .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
         total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
@@ -251,7 +287,7 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
         ranks = dist.get_world_size()
-    mean = (total / (L * Hq * ranks)).float()
+    mean = (total / (len(layers) * Hq * ranks)).float()
     return list(mean.split([m.shape[1] for m in ok], -1))
 
 

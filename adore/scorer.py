@@ -30,7 +30,7 @@ EPS = 1e-6  # inside log(ema + EPS): a token that has received nothing scores lo
 
 @dataclass
 class ScorerConfig:
-    decays: tuple[float, ...] = (0.0, 0.5, 0.9)  # the received-attention averages kept per position
+    decays: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.9, 0.98)  # received-attention averages kept per position
     hidden: int = 32
     sinks: int = 4  # positions below this get the sink feature
 

@@ -353,4 +353,4 @@ def test_scorer_training_writes_a_scorer_the_policy_loads(tmp_path):
     scorer = LearnedScorer.load(str(out))
     pol = make_policy("adore", AdoreConfig(cache_size=16, scorer="learned"))
     pol.learned = scorer
-    assert scorer.n_features == len(pol.decays) == 3
+    assert scorer.n_features == len(pol.decays) == 6

@@ -35,7 +35,8 @@ from .labels import averaged_attention_rows, collect_qk, segments
 
 @dataclass
 class ScorerTrainConfig:
-    horizon: int = 16  # queries after t whose attention is the label
+    horizon: int = 4  # queries after t whose attention is the label (bench/release_rules: keeping
+    # by the next 4 queries' attention beats the next 32's)
     rows_from: int = 192  # the first step t trained on (the budget: earlier steps never cut)
     row_stride: int = 8  # every row_stride-th step t is a training row
     steps: int = 1500
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-text", type=int, default=4, help="segments per text file, spread over it")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--budget", type=int, default=192, help="m for the recall figures")
-    p.add_argument("--decays", default="0,0.5,0.9")
+    p.add_argument("--decays", default="0,0.3,0.5,0.7,0.9,0.98")
     for f, v in asdict(ScorerTrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--attention-cache", default=None, help="folder keeping each segment's attention matrix")

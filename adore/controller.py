@@ -14,12 +14,13 @@ a decoder layer.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .checkpoint import load_module, save_module
 
 
 @dataclass
@@ -156,20 +157,8 @@ class Controller(nn.Module):
 
     # -- checkpoints: safetensors weights, config in the metadata --------------------------------
     def save(self, path: str, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"adore_controller": json.dumps(asdict(self.cfg)), "extra": json.dumps(extra or {})}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta)
+        save_module(self, "adore_controller", self.cfg, path, extra)
 
     @classmethod
     def load(cls, path: str, device="cpu") -> Controller:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        if "adore_controller" not in meta:
-            raise ValueError(f"{path} is not an ADORE controller checkpoint (no config in its metadata)")
-        ctrl = cls(ControllerConfig(**json.loads(meta["adore_controller"])))
-        ctrl.load_state_dict(load_file(path, device=str(device)))
-        return ctrl.to(device).eval()
+        return load_module(lambda cfg: cls(ControllerConfig(**cfg)), "adore_controller", path, device)

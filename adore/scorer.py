@@ -17,12 +17,12 @@ or mix them. Cost per step: the MLP over [n, P] positions (a few thousand FLOPs 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .checkpoint import load_module, save_module
 from .controller import DIST_FEATURES, distance_features
 
 EPS = 1e-6  # inside log(ema + EPS): a token that has received nothing scores log(EPS)
@@ -65,21 +65,9 @@ class LearnedScorer(nn.Module):
         return self.mlp(x)[..., 0]
 
     def save(self, path: str, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"adore_scorer": json.dumps(asdict(self.cfg)), "extra": json.dumps(extra or {})}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta)
+        save_module(self, "adore_scorer", self.cfg, path, extra)
 
     @classmethod
     def load(cls, path: str, device="cpu") -> LearnedScorer:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        if "adore_scorer" not in meta:
-            raise ValueError(f"{path} is not an ADORE scorer checkpoint (no config in its metadata)")
-        cfg = json.loads(meta["adore_scorer"])
-        scorer = cls(ScorerConfig(**{**cfg, "decays": tuple(cfg["decays"])}))
-        scorer.load_state_dict(load_file(path, device=str(device)))
-        return scorer.to(device).eval()
+        return load_module(lambda cfg: cls(ScorerConfig(**{**cfg, "decays": tuple(cfg["decays"])})),
+                           "adore_scorer", path, device)

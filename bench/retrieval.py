@@ -56,8 +56,17 @@ def measure(args) -> dict:
                      "retrieval_acc": mean_accuracy(recs),
                      "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
         print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)
-    return {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if device == "cuda"
-            else "cpu", "rows": rows}
+        res = {"command": "python " + " ".join(sys.argv),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
+        if args.out:  # after every policy: a run stopped midway keeps the policies it finished
+            save(res, args.out)
+    return res
+
+
+def save(res: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 def table(res: dict) -> str:
@@ -105,10 +114,6 @@ def main() -> int:
         return 0
     res = measure(args)
     print(table(res))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
     return 0
 
 

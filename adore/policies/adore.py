@@ -153,6 +153,7 @@ class AdorePolicy(Policy):
                 self.learned = LearnedScorer.load(str(path))
             if self.learned is not None:
                 self.learned.to(device).eval().requires_grad_(False)
+            self.decay_weights = torch.tensor(self.decays, device=device)  # [F], once: observe runs every step
         elif self.uses_controller and self.controller is None:
             self.controller = default_controller(model, info)
         if self.controller is not None:
@@ -198,7 +199,7 @@ class AdorePolicy(Policy):
         and stored token's decayed averages; the cut then uses the updated scores."""
         if not self.by_attention:
             return pos_scores
-        d = torch.tensor(self.decays, device=cur_pos.device)  # [F]
+        d = self.decay_weights  # [F]
         used, held = cache.used_both(n)
         keys, ok, where = [cache.k[:, :n, :, :used]], [cache.valid(n)[:, :used]], [cache.pos[:n, :used]]
         if cache.store_k is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import copy_tokens
+
 
 class SlotCache:
     def __init__(self, *, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
@@ -100,16 +102,30 @@ class SlotCache:
     def stash(self, rows: torch.Tensor, slots: torch.Tensor, pos_scores: torch.Tensor | None) -> None:
         """Keep the K/V of cache slots (rows[j], slots[j]) [J] in their rows' stores (before the slots
         are emptied). rows must be sorted (as nonzero() gives them)."""
-        if self.store_k is not None and rows.numel():
-            self.store_put(rows, self.pos[rows, slots], self.k[:, rows, :, slots], self.v[:, rows, :, slots],
-                           pos_scores)
+        if self.store_k is None or rows.numel() == 0:
+            return
+        ok, dst = self._store_slots(rows, pos_scores)
+        rows, slots = rows[ok], slots[ok]
+        copy_tokens(self.k, rows, slots, self.store_k, rows, dst)  # straight across, no temporary
+        copy_tokens(self.v, rows, slots, self.store_v, rows, dst)
+        self.store_pos[rows, dst] = self.pos[rows, slots]
 
     def store_put(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   pos_scores: torch.Tensor | None) -> None:
-        """Put tokens into the stores: rows [J] (sorted), positions [J], k and v [J, L, Hkv, D].
-        A row's free store slots are used first, then its lowest-scored stored tokens (pos_scores
-        [rows, P]; None: the oldest) are dropped for good; a row putting more tokens than its store
-        holds keeps the first store_size of them."""
+        """Put tokens given by value into the stores (a prompt's cut): rows [J] (sorted), positions [J],
+        k and v [J, L, Hkv, D]; the slots as in `_store_slots`."""
+        ok, dst = self._store_slots(rows, pos_scores)
+        rows = rows[ok]
+        self.store_k[:, rows, :, dst] = k[ok].to(self.store_k.dtype)
+        self.store_v[:, rows, :, dst] = v[ok].to(self.store_v.dtype)
+        self.store_pos[rows, dst] = positions[ok]
+
+    def _store_slots(self, rows: torch.Tensor, pos_scores: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where J tokens of rows [J] (sorted) go in the stores: which of them are kept [J] bool, and the
+        store slot of each kept one. A row's free store slots are used first (the lowest-numbered
+        first), then its lowest-scored stored tokens (pos_scores [rows, P]; None: the oldest) are
+        dropped for good; a row putting more tokens than its store holds keeps the first store_size."""
         # rows (like pos_scores) cover the first n rows; rows.numel() bounds what one row puts (both
         # known on the host: no device sync)
         n = pos_scores.shape[0] if pos_scores is not None else self.store_pos.shape[0]
@@ -120,11 +136,7 @@ class SlotCache:
         take = min(rows.numel(), self.store_size)
         dst_of = prio.sort(dim=1, stable=True).indices[:, :take]  # [n, take] the slots to (over)write
         ok = rank < take
-        rows, rank = rows[ok], rank[ok]
-        dst = dst_of[rows, rank]
-        self.store_k[:, rows, :, dst] = k[ok].to(self.store_k.dtype)
-        self.store_v[:, rows, :, dst] = v[ok].to(self.store_v.dtype)
-        self.store_pos[rows, dst] = positions[ok]
+        return ok, dst_of[rows[ok], rank[ok]]
 
     def restore(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Move stored tokens at positions [J] of rows [J] back into cache slots [J] (free ones),
@@ -132,8 +144,8 @@ class SlotCache:
         if rows.numel() == 0:
             return
         src = (self.store_pos[rows, : self.store_size] == positions[:, None]).int().argmax(1)
-        self.k[:, rows, :, slots] = self.store_k[:, rows, :, src]
-        self.v[:, rows, :, slots] = self.store_v[:, rows, :, src]
+        copy_tokens(self.store_k, rows, src, self.k, rows, slots)
+        copy_tokens(self.store_v, rows, src, self.v, rows, slots)
         self.pos[rows, slots] = positions
         self.store_pos[rows, src] = -1
 

@@ -66,7 +66,7 @@ class AdoreConfig:
     rebuild_source: str = knob("stored", "adore: where a rebuilt token's K/V comes from: 'stored' (the K/V "
                                "kept when it was released, exact) or 'recompute' (run it through the layers "
                                "again, the paper)", choices=("stored", "recompute"))
-    store_size: int = knob(2048, "adore rebuild_source 'stored': released tokens whose K/V each sequence "
+    store_size: int = knob(512, "adore rebuild_source 'stored': released tokens whose K/V each sequence "
                            "keeps (the second tier; the lowest-scored go first when it is full)")
     sink_tokens: int = knob(4, "sink, adore-nocontroller: first tokens always kept (StreamingLLM)")
     stride: int = knob(16, "strided: spacing of the long-range tokens kept")

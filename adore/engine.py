@@ -44,6 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.profiler import record_function
 
 from .attention import PromptKV, decoder_parts, forward_prompts, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
@@ -350,9 +351,10 @@ class Engine:
         # 1-2. the policy's scores for every position (adore: the controller), and its rebuild choice
         # (recomputed rebuilds run as query rows beside the current token; stored ones come back
         # after the layers, step 4)
-        pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
         stored = pol.rebuild_source == "stored"
-        rb_pos, rb_ok = nothing_rebuilt(c, n) if stored else pol.choose_rebuild(c, n, pos_scores)
+        with record_function("adore.policy.scores"):  # labels for bench/profile_step.py's cost table
+            pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
+            rb_pos, rb_ok = nothing_rebuilt(c, n) if stored else pol.choose_rebuild(c, n, pos_scores)
         # this step's figures stay on the device and reach the host with the tokens (one transfer):
         # recomputed rebuilds, attended tokens, cached tokens after the cut, stored tokens
         counts = [rb_ok.sum()]
@@ -366,26 +368,29 @@ class Engine:
         c.mass[:n].scatter_(1, slots, torch.zeros_like(row_pos, dtype=c.mass.dtype))
         counts.append(c.valid(n).sum(1).max())
         q = self.queries[:, :n] if self.queries is not None else None
-        if self.graphed is not None:
-            hidden, mass = self.graphed(ids, row_pos, slots)
-        else:
-            hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
-                                         want_mass=pol.needs_mass, pack=self.pack_rows, queries=q)
-        if mass is not None:
-            c.mass[:n, : mass.shape[1]] += mass
-        logits = self.lm_head(hidden[:, -1:])[:, 0]
-        pos_scores = pol.observe(c, n, cur_pos, q, pos_scores)
+        with record_function("adore.layers"):
+            if self.graphed is not None:
+                hidden, mass = self.graphed(ids, row_pos, slots)
+            else:
+                hidden, mass = forward_slots(self.model, c, ids, row_pos, slots, top_k=pol.top_k,
+                                             want_mass=pol.needs_mass, pack=self.pack_rows, queries=q)
+            if mass is not None:
+                c.mass[:n, : mass.shape[1]] += mass
+            logits = self.lm_head(hidden[:, -1:])[:, 0]
+        with record_function("adore.policy.observe"):
+            pos_scores = pol.observe(c, n, cur_pos, q, pos_scores)
 
         # 4. stored tokens that now outscore cached ones come back with the K/V they left with, then
         # the cut down to the budget, one decision for all layers: the next step attends to m + 1
         if stored:
-            back, back_ok = pol.choose_rebuild(c, n, pos_scores)
-            if back_ok.numel():
-                b, j = back_ok.nonzero(as_tuple=True)
-                free = c.free_slots(n, back.shape[1])
-                c.restore(b, back[b, j], free[b, j])
-                c.mass[b, free[b, j]] = 0
-                self.stats["rebuilt"] += int(b.numel())
+            with record_function("adore.policy.readmit"):
+                back, back_ok = pol.choose_rebuild(c, n, pos_scores)
+                if back_ok.numel():
+                    b, j = back_ok.nonzero(as_tuple=True)
+                    free = c.free_slots(n, back.shape[1])
+                    c.restore(b, back[b, j], free[b, j])
+                    c.mass[b, free[b, j]] = 0
+                    self.stats["rebuilt"] += int(b.numel())
         if self.trace is not None:
             self.trace.append({"rows": list(self.rows), "cur_pos": cur_pos.clone(),
                                "rebuilt": [rb_pos[i][rb_ok[i]].tolist() for i in range(n)],
@@ -393,22 +398,24 @@ class Engine:
                                "step_pos": c.pos[:n, : c.capacity].clone(),
                                "mass": c.mass[:n, : c.capacity].clone()})
         if pol.budget is not None:  # (rows under the budget keep every valid slot: nothing drops)
-            valid = c.valid(n)
-            view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
-            drop = valid & ~select_keep(pol, view, valid)
-            b, j = drop.nonzero(as_tuple=True)
-            c.stash(b, j, pos_scores)
-            c.released[b, c.pos[b, j]] = True
-            c.pos[b, j] = -1
-            c.mass[b, j] = 0
-            self.stats["released"] += int(b.numel())  # nonzero's size is on the host already
+            with record_function("adore.policy.release"):
+                valid = c.valid(n)
+                view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
+                drop = valid & ~select_keep(pol, view, valid)
+                b, j = drop.nonzero(as_tuple=True)
+                c.stash(b, j, pos_scores)
+                c.released[b, c.pos[b, j]] = True
+                c.pos[b, j] = -1
+                c.mass[b, j] = 0
+                self.stats["released"] += int(b.numel())  # nonzero's size is on the host already
         counts.append(c.valid(n).sum(1).max())
         counts.append(c.stored(n).sum() if c.store_pos is not None else counts[-1].new_zeros(()))
 
         # 5. next tokens
         for req in reqs:
             req.next_pos += 1
-        rebuilt, step_tokens, held, stored_now = self._next_tokens(reqs, logits, outs, torch.stack(counts))
+        with record_function("adore.tokens"):
+            rebuilt, step_tokens, held, stored_now = self._next_tokens(reqs, logits, outs, torch.stack(counts))
         st = self.stats
         st["rebuilt"] += int(rebuilt)
         if c.store_pos is not None:

@@ -32,11 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
 from adore.attention import head_dim  # noqa: E402
+from adore.cache import SlotCache  # noqa: E402
 from adore.cli import add_knob_args  # noqa: E402
 from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
-from adore.policies import make_policy  # noqa: E402
+from adore.policies import make_policy, parse_policy_spec  # noqa: E402
 
 ENGINE_METHODS = ("adore", "adore-norebuild", "window", "h2o", "full")
 
@@ -73,9 +74,15 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, n), generator=g).tolist()
 
 
+def engine_policy(method: str, args):
+    """'adore' or a spec with settings ('adore:store_size=128') over the command line's knobs."""
+    name, cfg, _ = parse_policy_spec(method, AdoreConfig(**knob_values(args)))
+    return make_policy(name, cfg)
+
+
 def run_engine(lm, method, batch, length, args):
     model, tok, info = lm
-    eng = Engine(model, tok, make_policy(method, AdoreConfig(**knob_values(args))), info=info, max_batch=batch,
+    eng = Engine(model, tok, engine_policy(method, args), info=info, max_batch=batch,
                  max_seq_len=args.prompt_len + length + 2, cuda_graphs=not args.no_graphs,
                  max_prefill_tokens=batch * args.prompt_len)  # every prefill in the first step (timed apart)
     for p in prompts(batch, args.prompt_len, model.config.vocab_size):
@@ -124,9 +131,14 @@ def measure(lm, method, length, args, bw, weight_bytes):
     """One (method, length) cell at the largest batch that fits; halves the batch on OOM.
     lm: (model, tokenizer, ModelInfo) from load_model."""
     model = lm[0]
-    bounded = method in ENGINE_METHODS and method != "full"
-    slots = args.cache_size + (args.rebuild if method.startswith("adore") else 0) + 2
-    tokens = slots if bounded else args.prompt_len + length + 2
+    bounded = method.split(":")[0] in ENGINE_METHODS and method != "full"
+    max_seq_len = args.prompt_len + length + 2
+    if bounded or method == "full":  # K/V slots a sequence owns: its cache row and its second tier
+        pol = engine_policy(method, args)
+        slots = pol.capacity(max_seq_len)  # attended at most (the floor's K/V)
+        tokens = SlotCache.slots_allocated(slots) + (pol.store_size + 1 if pol.store_size else 0)
+    else:
+        slots = tokens = max_seq_len
     # transformers grows its cache by concatenation: budget twice the final size
     gc.collect()  # free the previous run's cache and graph pools before reading free memory
     torch.cuda.empty_cache()
@@ -169,7 +181,8 @@ def measure(lm, method, length, args, bw, weight_bytes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama2-7b")
-    ap.add_argument("--methods", default="adore,window,h2o,full,transformers")
+    ap.add_argument("--methods", default="adore,window,h2o,full,transformers",
+                    help="comma-separated; an engine policy may carry settings: adore:store_size=128")
     ap.add_argument("--lengths", default="512,1024,2048,4096")
     ap.add_argument("--prompt-len", type=int, default=32)
     add_knob_args(ap.add_argument_group("method"))
@@ -192,7 +205,7 @@ def main():
           flush=True)
     results = []
     for method in args.methods.split(","):
-        bounded = method in ENGINE_METHODS and method != "full"
+        bounded = method.split(":")[0] in ENGINE_METHODS and method != "full"
         for length in ([max(args.lengths)] if bounded else args.lengths):
             t0 = time.perf_counter()
             try:

@@ -27,6 +27,18 @@ from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy  # noqa: E402
 
 
+def parts_table(prof, steps: int, step_ms: float) -> str:
+    """The engine's labelled parts of a decode step (adore.layers, adore.policy.*, adore.tokens): host
+    time and GPU time per step, and the GPU time's share of the step (the controller's cost)."""
+    lines = [f"{'part':24s} {'host ms/step':>12s} {'GPU ms/step':>12s} {'GPU % of step':>13s}"]
+    for e in sorted(prof.key_averages(), key=lambda e: e.key):
+        if e.key.startswith("adore."):
+            gpu = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            lines.append(f"{e.key:24s} {e.cpu_time_total / 1e3 / steps:12.2f} {gpu / 1e3 / steps:12.2f} "
+                         f"{100 * gpu / 1e3 / steps / step_ms:12.1f}%")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:llama2-7b")
@@ -70,6 +82,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} {args.method} top-k {args.top_k} batch {args.batch} "
           f"history {args.history}: "
           f"{plain:.2f} ms/step ({profiled:.2f} under the profiler), rebuilt so far {eng.stats['rebuilt']}")
+    print(parts_table(prof, args.steps, profiled))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.trace:

@@ -341,3 +341,31 @@ def test_gather_slots_equals_slice_by_matmul(dtype, L, B, H, C, D, N):
     # and both are x[l, b, h, index[b, n]]
     for b in range(B):
         assert torch.equal(got[:, b], x[:, b][:, :, index[b]])
+
+
+_COPY_WORKER = """
+import torch
+from adore.kernels.triton_copy_tokens import copy_tokens_triton
+from adore.kernels.reference import copy_tokens
+g = torch.Generator().manual_seed(0)
+for dtype, D in ((torch.float32, 16), (torch.float16, 24)):  # 24: D padded to a power of two, masked
+    src = torch.randn(3, 4, 5, 9, D, generator=g).to(dtype)[:, :, :, :7]  # a slot-sliced view, as the cache's
+    a = torch.randn(3, 2, 5, 6, D, generator=g).to(dtype)
+    b = a.clone()
+    sb, ss = torch.tensor([0, 3, 3, 1]), torch.tensor([6, 0, 5, 2])
+    db, ds = torch.tensor([1, 0, 1, 0]), torch.tensor([5, 0, 2, 3])
+    copy_tokens_triton(src, sb, ss, a, db, ds)
+    copy_tokens(src, sb, ss, b, db, ds)
+    assert torch.equal(a, b), (dtype, (a - b).abs().max())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_copy_tokens_triton_equals_reference():
+    """The cache <-> second-tier copy kernel moves exactly the tokens torch indexing moves, and nothing
+    else (Triton's interpreter on CPU; on a GPU the same kernel runs compiled)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", _COPY_WORKER], cwd=REPO, env=env, text=True,
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]

@@ -4,7 +4,7 @@
 ADORE_KERNELS != "torch"), else the torch reference. On CPU Triton only runs in its interpreter
 (TRITON_INTERPRET=1), hundreds of times slower, so the CPU path is always torch.
 `masked_attention` (any key mask: the engine's packed prefill, where a row sees its own prompt only)
-is the torch reference everywhere.
+is the torch reference everywhere. `copy_tokens` (cache <-> second tier) dispatches like slot_attention.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import os
 
 import torch
 
+from .reference import copy_tokens as copy_tokens_torch
 from .reference import gather_slots, keep_top_k, masked_attention, slice_by_matmul
 from .reference import slot_attention as slot_attention_torch
 
 __all__ = ["slot_attention", "slot_attention_torch", "masked_attention", "keep_top_k", "gather_slots",
-           "slice_by_matmul", "backend"]
+           "slice_by_matmul", "backend", "copy_tokens", "copy_tokens_torch"]
 
 
 def backend(device: torch.device) -> str:
@@ -38,3 +39,12 @@ def slot_attention(q, k_cache, v_cache, slot_pos, row_pos, top_k=None, scale=Non
 
         return slot_attention_triton(q, k_cache, v_cache, slot_pos, row_pos, top_k, scale, want_mass)
     return slot_attention_torch(q, k_cache, v_cache, slot_pos, row_pos, top_k, scale, want_mass)
+
+
+def copy_tokens(src, src_b, src_s, dst, dst_b, dst_s) -> None:
+    """See `reference.copy_tokens`: whole tokens (all layers, all KV heads) from src to dst."""
+    if backend(src.device) == "triton":
+        from .triton_copy_tokens import copy_tokens_triton
+
+        return copy_tokens_triton(src, src_b, src_s, dst, dst_b, dst_s)
+    return copy_tokens_torch(src, src_b, src_s, dst, dst_b, dst_s)

@@ -106,3 +106,10 @@ def slice_by_matmul(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     L, B, H, C, D = x.shape
     S = torch.nn.functional.one_hot(index, C).to(x.dtype)  # [B, N, C]
     return torch.matmul(S[None, :, None], x)  # [L, B, H, N, D]
+
+
+def copy_tokens(src: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
+                dst: torch.Tensor, dst_b: torch.Tensor, dst_s: torch.Tensor) -> None:
+    """Copy whole tokens between slot tensors: src, dst [L, B, Hkv, S, D]; src_b, src_s, dst_b, dst_s [J]
+    (sequence and slot of each token on either side). dst[:, dst_b[j], :, dst_s[j]] = src[:, src_b[j], :, src_s[j]]."""
+    dst[:, dst_b, :, dst_s] = src[:, src_b, :, src_s]

@@ -275,11 +275,13 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     """
     L, n, Hq, D = queries.shape
     G = Hq // keys[0].shape[2]
-    q = queries.reshape(L, n, -1, G, D).float()  # [L, n, Hkv, G, D]
+    # the keys are read in their own dtype (a float copy of every stored key would cost more than the
+    # product); only the logits [n, Hkv, G, N] are taken to float32 for the softmax
+    q = queries.reshape(L, n, -1, G, D).to(keys[0].dtype)  # [L, n, Hkv, G, D]
     layers = range(L) if layers is None else layers
     total = 0
     for i in layers:  # one layer's logits at a time: [n, Hkv, G, sum N_g]
-        logits = torch.cat([torch.einsum("nhgd,nhkd->nhgk", q[i], k[i].float())
+        logits = torch.cat([torch.matmul(q[i], k[i].transpose(-1, -2)).float()
                             .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
         total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
     # Under tensor parallelism each rank holds some of the heads: the sum over all heads is the sum

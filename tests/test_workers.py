@@ -85,13 +85,15 @@ def test_tp2_matches_tp1_and_engine_alone(ray_instance):
 
 
 def test_driver_streams_aborts_and_bounds_its_queue(ray_instance):
-    spec = SPEC.replace(policy="full", max_batch=2)
+    # long requests must outlast the test's sleeps on a fast machine (100 tokens of the tiny model
+    # took under 0.3 s on one): 4,000 tokens, aborted long before they end
+    spec = SPEC.replace(policy="full", max_batch=2, max_seq_len=4096)
     group = ShardGroup(spec, tp=1)
     tok = group.tokenizer()
 
     async def main():
         drv = AsyncDriver(group, max_queue=1)
-        long = SamplingParams(max_tokens=100, ignore_eos=True)
+        long = SamplingParams(max_tokens=4000, ignore_eos=True)
         a = drv.submit(tok.encode("first"), long)
         b = drv.submit(tok.encode("second"), long)
         c = drv.submit(tok.encode("third"), long)  # waits for a row

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
 from adore.cli import add_knob_args  # noqa: E402
-from adore.config import knob_values  # noqa: E402
+from adore.config import UserError, knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
 from adore.policies import make_policy, parse_policy_spec  # noqa: E402
@@ -44,9 +44,11 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def make_engine(lm, method: str, args, max_batch: int, max_seq_len: int) -> Engine:
     model, tok, info = lm
-    name, cfg, _ = parse_policy_spec(method, AdoreConfig(**knob_values(args)))
-    return Engine(model, tok, make_policy(name, cfg), info=info, max_batch=max_batch, max_seq_len=max_seq_len,
-                  max_prefill_tokens=args.max_prefill_tokens)
+    name, cfg, extra = parse_policy_spec(method, AdoreConfig(**knob_values(args)))
+    if "adapter" in extra:
+        raise UserError(f"{method}: an adapter needs a trained model, not random weights")
+    return Engine(model, tok, make_policy(name, cfg, extra.get("controller")), info=info, max_batch=max_batch,
+                  max_seq_len=max_seq_len, max_prefill_tokens=args.max_prefill_tokens)
 
 
 def drain(eng: Engine) -> None:
@@ -78,7 +80,7 @@ def burst(lm, method: str, args) -> dict:
         eng.step()
     drain(eng)
     t0 = time.perf_counter()
-    sent = {eng.add_request(p, params): t0 for p in prompts(args.burst, args.burst_len, vocab, 2)}
+    sent = {eng.add_request(p, params) for p in prompts(args.burst, args.burst_len, vocab, 2)}
     first: dict[str, float] = {}
     steps = 0
     while len(first) < len(sent):
@@ -87,7 +89,7 @@ def burst(lm, method: str, args) -> dict:
         now = time.perf_counter()
         for o in outs:
             if o.token_id is not None and o.request_id not in first:
-                first[o.request_id] = now - sent[o.request_id]
+                first[o.request_id] = now - t0
     ttft = list(first.values())
     return {"scenario": "burst", "method": method, "requests": args.burst, "prompt_len": args.burst_len,
             "steps_to_all_first_tokens": steps, "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
@@ -115,7 +117,7 @@ def mixed(lm, method: str, args) -> dict:
         eng.step()
     base = [timed_step(eng)[0] for _ in range(16)]  # decode alone
     t0 = time.perf_counter()
-    sent = {eng.add_request(p, SamplingParams(max_tokens=16, ignore_eos=True)): t0
+    sent = {eng.add_request(p, SamplingParams(max_tokens=16, ignore_eos=True))
             for p in prompts(args.arrivals, args.arrival_len, vocab, 6)}
     first: dict[str, float] = {}
     steps: list[float] = []
@@ -126,7 +128,7 @@ def mixed(lm, method: str, args) -> dict:
         now = time.perf_counter()
         for o in outs:
             if o.request_id in sent and o.token_id is not None and o.request_id not in first:
-                first[o.request_id] = now - sent[o.request_id]
+                first[o.request_id] = now - t0
         after += len(first) == len(sent)
     ttft = list(first.values())
     med = statistics.median(steps)

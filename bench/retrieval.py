@@ -44,6 +44,8 @@ def measure(args) -> dict:
                            seed=args.seed)
     cfg = AdoreConfig(**knob_values(args))
     rows = []
+    res = {"command": "python " + " ".join(sys.argv),
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
     for policy in args.policies.split(","):
         t0 = time.time()
         recs, _ = answer(model, tok, info, lambda p=policy: make_policy(p, cfg), samples, args.batch)
@@ -56,8 +58,6 @@ def measure(args) -> dict:
                      "retrieval_acc": mean_accuracy(recs),
                      "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
         print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)
-        res = {"command": "python " + " ".join(sys.argv),
-               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
         if args.out:  # after every policy: a run stopped midway keeps the policies it finished
             save(res, args.out)
     return res

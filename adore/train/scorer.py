@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-text", type=int, default=4, help="segments per text file, spread over it")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--budget", type=int, default=192, help="m for the recall figures")
-    p.add_argument("--decays", default="0,0.3,0.5,0.7,0.9,0.98")
+    p.add_argument("--decays", default=",".join(map(str, ScorerConfig().decays)))
     for f, v in asdict(ScorerTrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--attention-cache", default=None, help="folder keeping each segment's attention matrix")

@@ -369,3 +369,64 @@ def test_copy_tokens_triton_equals_reference():
     p = subprocess.run([sys.executable, "-c", _COPY_WORKER], cwd=REPO, env=env, text=True,
                        capture_output=True, timeout=300)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+_RECEIVED_WORKER = """
+import torch
+from adore.kernels.triton_received_attention import received_attention_triton
+from adore.kernels.reference import received_attention
+g = torch.Generator().manual_seed(0)
+# (L, n, Hq, Hkv, D, cache slots, store slots, layers): MHA, GQA with G padded (3 -> 4), one group only
+cases = [(3, 4, 4, 4, 16, 9, 6, [0, 2]), (2, 3, 9, 3, 24, 7, 40, [0, 1]), (2, 2, 4, 2, 8, 5, 0, [1])]
+# (float16, not bfloat16: the interpreter's bfloat16 tl.dot is wrong; test_received_attention_cuda checks it)
+for dtype in (torch.float32, torch.float16):
+    for L, n, Hq, Hkv, D, C, S, layers in cases:
+        q = torch.randn(L, n + 1, Hq, D, generator=g)[:, :n]  # the engine passes queries[:, :n]
+        k = torch.randn(L, n + 2, Hkv, C + 3, D, generator=g).to(dtype)[:, :n, :, :C]  # used-slot views
+        ok = torch.rand(n, C + 3, generator=g)[:, :C] > 0.3
+        ok[0] = False  # a row with no cached key: its stored keys take all the weight (or nothing at all)
+        keys, oks = [k], [ok]
+        if S:
+            keys.append(torch.randn(L, n, Hkv, S + 1, D, generator=g).to(dtype)[:, :, :, :S])
+            oks.append(torch.rand(n, S + 1, generator=g)[:, :S] > 0.5)
+        want = received_attention(q, keys, oks, 0.3, layers)
+        for block_n in (64, 16):  # the default, and one that cuts the cache's keys mid-block
+            got = received_attention_triton(q, keys, oks, 0.3, layers, block_n=block_n)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            err = (got.double() - want).abs().max().item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, L, n, Hq, err)
+            mask = torch.cat(oks, 1)
+            assert (got[~mask] == 0).all()
+            sums = got.sum(1)  # every row with a key sums to layers x heads
+            assert torch.allclose(sums[mask.any(1)], torch.tensor(float(len(layers) * Hq)), rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_received_attention_triton_equals_reference():
+    """The fused scorer kernels give every cached and stored key the softmax weight the torch reference
+    gives it, summed over the scoring layers and heads (MHA and padded GQA, one or two key groups,
+    strided views, rows with no key; Triton's interpreter on CPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", _RECEIVED_WORKER], cwd=REPO, env=env, text=True,
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_received_attention_cuda():
+    """Compiled on the GPU, in bfloat16 (the engine's dtype), the fused scorer kernels agree with the
+    torch reference (which rounds its query to bfloat16 too)."""
+    from adore.kernels.reference import received_attention
+    from adore.kernels.triton_received_attention import received_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L, n, Hq, Hkv, D = 4, 5, 8, 2, 64
+    q = torch.randn(L, n, Hq, D, device="cuda", generator=g)
+    keys = [torch.randn(L, n, Hkv, N + 3, D, device="cuda", generator=g).bfloat16()[:, :, :, :N] for N in (70, 300)]
+    oks = [torch.rand(n, N, device="cuda", generator=g) > 0.3 for N in (70, 300)]
+    want = received_attention(q, keys, oks, D**-0.5, [0, 3])
+    got = received_attention_triton(q, keys, oks, D**-0.5, [0, 3])
+    assert (got.double() - want).abs().max() < 2e-2
+    assert torch.allclose(got.sum(1), torch.tensor(2.0 * Hq, device="cuda"), rtol=1e-5)

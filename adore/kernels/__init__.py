@@ -4,7 +4,8 @@
 ADORE_KERNELS != "torch"), else the torch reference. On CPU Triton only runs in its interpreter
 (TRITON_INTERPRET=1), hundreds of times slower, so the CPU path is always torch.
 `masked_attention` (any key mask: the engine's packed prefill, where a row sees its own prompt only)
-is the torch reference everywhere. `copy_tokens` (cache <-> second tier) dispatches like slot_attention.
+is the torch reference everywhere. `copy_tokens` (cache <-> second tier) and `received_attention` (the
+ADORE scorer's signal) dispatch like slot_attention.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch
 
 from .reference import copy_tokens as copy_tokens_torch
 from .reference import gather_slots, keep_top_k, masked_attention, slice_by_matmul
+from .reference import received_attention as received_attention_torch
 from .reference import slot_attention as slot_attention_torch
 
 __all__ = ["slot_attention", "slot_attention_torch", "masked_attention", "keep_top_k", "gather_slots",
-           "slice_by_matmul", "backend", "copy_tokens", "copy_tokens_torch"]
+           "slice_by_matmul", "backend", "copy_tokens", "copy_tokens_torch", "received_attention",
+           "received_attention_torch"]
 
 
 def backend(device: torch.device) -> str:
@@ -48,3 +51,13 @@ def copy_tokens(src, src_b, src_s, dst, dst_b, dst_s) -> None:
 
         return copy_tokens_triton(src, src_b, src_s, dst, dst_b, dst_s)
     return copy_tokens_torch(src, src_b, src_s, dst, dst_b, dst_s)
+
+
+def received_attention(queries, keys, ok, scale, layers) -> torch.Tensor:
+    """See `reference.received_attention`: [n, sum N_g], per key the softmax weight it gets summed over
+    the scoring layers and query heads (float64 from torch, float32 from Triton)."""
+    if backend(queries.device) == "triton" and len(keys) <= 2:
+        from .triton_received_attention import received_attention_triton
+
+        return received_attention_triton(queries, keys, ok, scale, layers)
+    return received_attention_torch(queries, keys, ok, scale, layers)

@@ -113,3 +113,34 @@ def copy_tokens(src: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
     """Copy whole tokens between slot tensors: src, dst [L, B, Hkv, S, D]; src_b, src_s, dst_b, dst_s [J]
     (sequence and slot of each token on either side). dst[:, dst_b[j], :, dst_s[j]] = src[:, src_b[j], :, src_s[j]]."""
     dst[:, dst_b, :, dst_s] = src[:, src_b, :, src_s]
+
+
+def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
+                       scale: float, layers: list[int]) -> torch.Tensor:
+    """The attention one query per sequence gives sets of keys, summed over layers and query heads
+    (the ADORE scorer's signal; `adore.policies.adore.received_attention` averages it).
+
+    Parameters
+    ----------
+    queries : [L, n, Hq, D] the current token's query at every layer
+    keys : groups of keys [L, n, Hkv, N_g, D] (the cache's slots, the second tier's), softmaxed together
+    ok : per group [n, N_g] bool, which keys exist
+    scale : the model's softmax scale
+    layers : the layers to sum over
+
+    Returns
+    -------
+    [n, sum N_g] float64: per key, the sum over `layers` and the Hq query heads of its softmax weight
+    (0 where not ok), groups side by side in order.
+    """
+    L, n, Hq, D = queries.shape
+    G = Hq // keys[0].shape[2]
+    # the keys are read in their own dtype (a float copy of every stored key would cost more than the
+    # product); only the logits [n, Hkv, G, N] are taken to float32 for the softmax
+    q = queries.reshape(L, n, -1, G, D).to(keys[0].dtype)  # [L, n, Hkv, G, D]
+    total = 0
+    for i in layers:  # one layer's logits at a time: [n, Hkv, G, sum N_g]
+        logits = torch.cat([torch.matmul(q[i], k[i].transpose(-1, -2)).float()
+                            .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
+        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
+    return total

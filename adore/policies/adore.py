@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels
 from ..config import UserError
 from ..controller import Controller
 from ..models import ModelInfo
@@ -274,16 +275,8 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     (0 where not ok); the groups of a row sum to 1.
     """
     L, n, Hq, D = queries.shape
-    G = Hq // keys[0].shape[2]
-    # the keys are read in their own dtype (a float copy of every stored key would cost more than the
-    # product); only the logits [n, Hkv, G, N] are taken to float32 for the softmax
-    q = queries.reshape(L, n, -1, G, D).to(keys[0].dtype)  # [L, n, Hkv, G, D]
-    layers = range(L) if layers is None else layers
-    total = 0
-    for i in layers:  # one layer's logits at a time: [n, Hkv, G, sum N_g]
-        logits = torch.cat([torch.matmul(q[i], k[i].transpose(-1, -2)).float()
-                            .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
-        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
+    layers = list(range(L)) if layers is None else list(layers)
+    total = kernels.received_attention(queries, keys, ok, scale, layers).double()  # [n, sum N_g]
     # Under tensor parallelism each rank holds some of the heads: the sum over all heads is the sum
     # over ranks, and every rank then holds the same scores (its decisions stay in lock-step).
     dist, ranks = torch.distributed, 1

@@ -19,7 +19,8 @@ A prompt may come in chunks over several forwards (the engine's `max_prefill_tok
 `PromptKV` keeps the K/V of every position run so far (all layers, nothing cut) and the attention
 mass they received, and a later chunk's rows attend to those keys plus their own. The attention runs
 in blocks of consecutive query rows, each over just the keys of the prompts it touches, so its scores
-stay within `PREFILL_SCORES` per block however long the prompts are.
+(or, for the fused dense attention, its mask) stay within `PREFILL_SCORES` per block however long the
+prompts are.
 
 Only the model's submodules are called (q/k/v/o projections, norms, MLP, rotary embedding), so
 DeepSpeed AutoTP, which swaps those Linear layers for sharded ones, works unchanged: head counts are
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache import SlotCache
@@ -216,8 +219,22 @@ class PromptKV:
 
 
 # The packed prefill's attention runs in blocks of query rows, each holding at most this many fp32
-# scores [query heads, rows, keys] (128 MiB): its memory bound, however long the prompts are.
+# scores [query heads, rows, keys] (128 MiB) where the scores are explicit (attention mass, top-K), or
+# this many cells of the mask [rows, keys] where a fused kernel attends: its memory bound, however long
+# the prompts are.
 PREFILL_SCORES = 1 << 25
+
+# The fused kernels the dense packed prefill may use. Not cuDNN's: on an H200 it spends ~0.9 ms of host
+# time per call building a plan for each new (rows, keys, mask) shape, and a prefill's shapes are new
+# every step (bench/gpu_latency.py --profile: 0.55 s of a mixed step's host time in 3 steps).
+_PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# In the dense packed prefill a chunk of at least this many rows gets query blocks of its own: they
+# attend causally (lower-right aligned: the rows are the last positions of the keys), which the flash
+# kernel runs without a mask, skipping the masked half; shorter chunks share masked blocks (one call
+# for many short prompts). On an H200 a masked 4,096 x 4,096 block of two prompts took 70 ms a layer
+# set against ~5 for the two causal ones (bench/gpu_latency.py --profile).
+PREFILL_ALONE = 256
 
 
 @dataclass
@@ -233,15 +250,20 @@ class _Block:
     hi: torch.Tensor  # [b - a]
 
 
-def _query_blocks(spans: list[tuple[int, int]], max_cells: int) -> list[tuple[int, int]]:
+def _query_blocks(spans: list[tuple[int, int]], max_cells: int, alone: int | None = None) -> list[tuple[int, int]]:
     """Cut the packed rows of chunks spans [(done, n)] (positions done..done+n-1 each) into blocks of
     consecutive rows [a, b) with rows x keys <= max_cells (one row a block at least); a block's keys
     are, for each prompt it touches, that prompt's positions up to the block's last row of it.
     Greedy, each block's end solved for: rows [a, x) ending inside a chunk that starts at row `off`
-    see closed + done + (x - off) keys, closed being those of the block's earlier prompts."""
+    see closed + done + (x - off) keys, closed being those of the block's earlier prompts. A chunk of
+    at least `alone` rows shares no block with another prompt's."""
     out, a, closed, off = [], 0, 0, 0
     for done, n in spans:
         end, r = off + n, off
+        own = alone is not None and n >= alone
+        if own and off > a:  # a long chunk starts a block of its own...
+            out.append((a, off))
+            a, closed = off, 0
         while r < end:
             c = closed + done - off  # rows [a, x) see c + x keys: the largest x with (x - a)(x + c) <= cells
             x = min(end, (a - c + math.isqrt((a + c) ** 2 + 4 * max_cells)) // 2)
@@ -255,13 +277,17 @@ def _query_blocks(spans: list[tuple[int, int]], max_cells: int) -> list[tuple[in
                 a, closed = r, 0
         closed += done + n
         off = end
-    return out + [(a, off)]
+        if own:  # ...and ends it
+            out.append((a, off))
+            a, closed = off, 0
+    return out + [(a, off)] if off > a else out
 
 
-def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: int) -> list[_Block]:
+def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: int,
+            alone: int | None = None) -> list[_Block]:
     """The blocks of `_query_blocks` with their keys and each row's visible key range."""
     out, j0, offs = [], 0, list(itertools.accumulate((n for _, n in chunks), initial=0))
-    for a, b in _query_blocks([(kv.done, n) for kv, n in chunks], max_cells):
+    for a, b in _query_blocks([(kv.done, n) for kv, n in chunks], max_cells, alone):
         while offs[j0 + 1] <= a:
             j0 += 1
         keys, rows, k0 = [], [], 0
@@ -280,7 +306,7 @@ def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: in
 
 @torch.no_grad()
 def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None = None,
-                    max_scores: int = PREFILL_SCORES) -> torch.Tensor:
+                    max_scores: int = PREFILL_SCORES, alone: int = PREFILL_ALONE) -> torch.Tensor:
     """Packed causal prefill: the next n positions of several prompts in ONE forward.
 
     chunks  (prompt, n) each: the prompt's positions done..done+n-1 run as n rows of one packed
@@ -294,9 +320,10 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
     [1, T, H]: a prompt's last row gives its next token once its last chunk is in.
 
     Attention runs in blocks of consecutive query rows (`_query_blocks`), each over the keys of the
-    prompts it touches: at most max_scores scores [Hq, rows, keys] per block, so memory stays bounded
-    whatever the prompts' lengths, and the work is rows x the keys of their own prompts (plus those
-    of the block's other prompts), not T x T.
+    prompts it touches: at most max_scores scores [Hq, rows, keys] per block (mask cells [rows, keys]
+    where no explicit scores are needed), so memory stays bounded whatever the prompts' lengths, and
+    the work is rows x the keys of their own prompts (plus those of the block's other prompts), not
+    T x T. Without explicit scores a chunk of >= `alone` rows has blocks of its own (causal, no mask).
     """
     embed, _, norm, _, _ = decoder_parts(model)
     dev = chunks[0][0].ids.device
@@ -304,11 +331,13 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
     pos = torch.cat([torch.arange(kv.done, kv.done + n, device=dev) for kv, n in chunks])
     offs = list(itertools.accumulate((n for _, n in chunks), initial=0))
     q_heads = model.model.layers[0].self_attn.q_proj.weight.shape[0] // head_dim(model.config)  # local (AutoTP)
-    blocks = _blocks(chunks, pos, max(1, max_scores // q_heads))
-    scale = attention_scale(model)
     # this forward's mass per prompt, over its keys [0, done + n): added to the PromptKVs at the end
     mass = [torch.zeros(kv.done + n, device=dev) if kv.mass is not None else None for kv, n in chunks]
     want_mass = any(m is not None for m in mass)
+    explicit = want_mass or top_k is not None  # fp32 scores per head; else a fused kernel and a mask
+    blocks = _blocks(chunks, pos, max(1, max_scores // q_heads if explicit else max_scores),
+                     None if explicit else alone)
+    scale = attention_scale(model)
 
     def attend(i, q, k, v):
         for (kv, n), r in zip(chunks, offs):
@@ -329,8 +358,11 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
                     if mass[j] is not None:
                         mass[j][:n] += m[0, k0 : k0 + n]
             else:
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale,
-                                                   enable_gqa=q.shape[1] != k.shape[1])
+                # one prompt's rows are the last of its keys: lower-right causal, no mask to read
+                mask = causal_lower_right(qb.shape[2], kb.shape[2]) if len(blk.keys) == 1 else allowed
+                with sdpa_kernel(_PREFILL_SDPA):
+                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
+                                                       enable_gqa=q.shape[1] != k.shape[1])
             out[:, :, blk.a : blk.b] = o
         return out
 

@@ -232,11 +232,13 @@ class Engine:
         """This step's prompt chunks in one packed forward; each request whose last chunk is in takes
         its row and gets its first token. If the packed forward fails, each chunk runs alone, so that
         only the request that fails ends (with "error")."""
-        plan = self._plan_prefill(outs)
+        with record_function("adore.prefill.plan"):  # labels for a profile (bench/gpu_latency.py --profile)
+            plan = self._plan_prefill(outs)
         if not plan:
             return
         try:
-            done = self._forward_chunks(plan)
+            with record_function("adore.prefill.forward"):
+                done = self._forward_chunks(plan)
         except Exception as e:  # noqa: BLE001 - reported to the request that fails, the engine lives on
             if len(plan) == 1:
                 self._fail([plan[0][0]], e, outs)
@@ -251,7 +253,8 @@ class Engine:
         for req, h in done:
             self.waiting.remove(req.rid)
             try:
-                self._place(req)
+                with record_function("adore.prefill.place"):
+                    self._place(req)
             except Exception as e:  # noqa: BLE001
                 self._fail([req], e, outs)
                 continue

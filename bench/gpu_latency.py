@@ -14,6 +14,10 @@ mixed  --decoders sequences decoding (32-token prompts); then --arrivals prompts
 Each scenario is preceded by a short warm-up of the same shapes (CUDA graphs captured, kernels
 compiled), as a server does before it takes traffic. A scenario that does not fit in memory is
 recorded with its error and the others go on.
+
+--profile K  runs the mixed scenario's first K steps after the arrival under torch.profiler and prints
+             where their time goes (the engine's adore.* labels and the top kernels); those steps'
+             timings then include the profiler's overhead: a diagnosis, not a figure.
 """
 
 from __future__ import annotations
@@ -122,13 +126,23 @@ def mixed(lm, method: str, args) -> dict:
     first: dict[str, float] = {}
     steps: list[float] = []
     after = 0
-    while after < args.after:
+
+    def step() -> None:
         dt, outs = timed_step(eng)
         steps.append(dt)
         now = time.perf_counter()
         for o in outs:
             if o.request_id in sent and o.token_id is not None and o.request_id not in first:
                 first[o.request_id] = now - t0
+
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profile):
+                step()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+    while after < args.after:
+        step()
         after += len(first) == len(sent)
     ttft = list(first.values())
     med = statistics.median(steps)
@@ -137,12 +151,13 @@ def mixed(lm, method: str, args) -> dict:
             "decode_alone_step_ms": 1e3 * statistics.median(base), "step_p50_ms": 1e3 * med,
             "step_p99_ms": 1e3 * pct(steps, 0.99), "steps": len(steps), "p99_over_p50": pct(steps, 0.99) / med,
             "ttft_p50_s": statistics.median(ttft), "ttft_max_s": max(ttft), "target_ttft_s": 2.0,
-            "met": pct(steps, 0.99) <= 2 * med and max(ttft) <= 2.0}
+            "met": pct(steps, 0.99) <= 2 * med and max(ttft) <= 2.0, "profiled_steps": args.profile,
+            "step_ms": [round(1e3 * t, 2) for t in steps]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="random:llama2-7b")
+    ap.add_argument("--model", default=None, help="default: random:llama2-7b (cuda), random:tiny (cpu)")
     ap.add_argument("--methods", default="adore,full", help="comma-separated; settings as adore:store_size=128")
     ap.add_argument("--scenarios", default="burst,mixed")
     ap.add_argument("--burst", type=int, default=512)
@@ -154,12 +169,14 @@ def main() -> None:
     ap.add_argument("--after", type=int, default=16, help="steps recorded after the last first token")
     ap.add_argument("--max-prefill-tokens", type=int, default=4096)
     add_knob_args(ap.add_argument_group("method"))
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile the mixed scenario's first K steps")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (random:tiny)")
     ap.add_argument("--out", default="bench/results/gpu_latency.json")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_latency.py needs a CUDA GPU (bench/serve_bench.py measures the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
+    args.model = args.model or ("random:llama2-7b" if args.device == "cuda" else "random:tiny")
     lm = load_model(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
     runs = []
     for method in args.methods.split(","):

@@ -66,13 +66,16 @@ def test_forward_prompts_packed_and_chunked_equal_one_prompt_each(tiny_gqa):
     prompts = [_ids(n, seed=n) for n in (1, 7, 30, 12, 3)]
     for top_k, want_mass in [(None, False), (None, True), (4, False), (4, True)]:
         ref = [forward_prompt(model, p[None], want_mass=want_mass, top_k=top_k) for p in prompts]
-        for chunk, max_scores in [(None, 1 << 25), (None, 300), (5, 64), (7, 1)]:
+        # (chunk rows, max_scores, alone): one block; many; chunks in blocks of their own, lower-right causal
+        for chunk, max_scores, alone in [(None, 1 << 25, 256), (None, 300, 256), (5, 64, 256), (7, 1, 256),
+                                         (None, 1 << 25, 7), (5, 300, 5), (None, 64, 3)]:
             kvs = [PromptKV.new(model, p, want_mass) for p in prompts]
             hidden = [[] for _ in prompts]
             while any(kv.done < len(kv.ids) for kv in kvs):
                 todo = [(i, min(len(kv.ids) - kv.done, chunk or len(kv.ids))) for i, kv in enumerate(kvs)
                         if kv.done < len(kv.ids)]
-                x = forward_prompts(model, [(kvs[i], n) for i, n in todo], top_k=top_k, max_scores=max_scores)
+                x = forward_prompts(model, [(kvs[i], n) for i, n in todo], top_k=top_k, max_scores=max_scores,
+                                    alone=alone)
                 for (i, _), h in zip(todo, x[0].split([n for _, n in todo])):
                     hidden[i].append(h)
             for (h, ks, vs, mass), kv, got in zip(ref, kvs, hidden):
@@ -195,3 +198,12 @@ def test_smollm2_packed_and_chunked_prefill(smollm2):
     want = alone(model, tok, "h2o", prompts, params=params)
     assert_same(run(model, tok, "h2o", prompts, params, max_batch=4)[0], want)
     assert_same(run(model, tok, "h2o", prompts, params, max_batch=2, max_prefill_tokens=16)[0], want)
+
+
+def test_query_blocks_keep_long_chunks_alone():
+    """A chunk of >= `alone` rows shares no block with another prompt; short ones still pack together."""
+    spans = [(0, 3), (5, 4), (0, 2), (30, 9), (0, 1)]  # rows 0-2, 3-6, 7-8, 9-17, 18
+    assert _query_blocks(spans, 10**6, alone=4) == [(0, 3), (3, 7), (7, 9), (9, 18), (18, 19)]
+    assert _query_blocks(spans, 10**6, alone=5) == [(0, 9), (9, 18), (18, 19)]
+    assert _query_blocks(spans, 10**6, alone=100) == [(0, 19)]
+    assert _query_blocks([(0, 8)], 10**6, alone=2) == [(0, 8)]

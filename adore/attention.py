@@ -339,16 +339,34 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
                      None if explicit else alone)
     scale = attention_scale(model)
 
+    # this forward's K/V of every layer, all rows packed [L, Hkv, T, D], and each finishing prompt's
+    # last query [L, F, Hq, D]: one write a layer, then one copy a chunk (not 3 x L small copies a chunk)
+    L = model.config.num_hidden_layers
+    last = [j for j, (kv, n) in enumerate(chunks) if kv.q_last is not None and kv.done + n == len(kv.ids)]
+    last_rows = torch.tensor([offs[j] + chunks[j][1] - 1 for j in last], device=dev)
+    new_k = new_v = q_last = None
+
+    def keys(j: int, n: int, i: int, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Prompt j's keys (or values) [0, n) in layer i: its earlier chunks' (old) and this forward's."""
+        done, r = chunks[j][0].done, offs[j]
+        return new[:, r : r + n] if done == 0 else torch.cat([old[i, :, :done], new[:, r : r + n - done]], 1)
+
     def attend(i, q, k, v):
-        for (kv, n), r in zip(chunks, offs):
-            kv.k[i, :, kv.done : kv.done + n] = k[0, :, r : r + n]
-            kv.v[i, :, kv.done : kv.done + n] = v[0, :, r : r + n]
-            if kv.q_last is not None and kv.done + n == kv.ids.shape[0]:  # the prompt's last row
-                kv.q_last[i, 0] = q[0, :, r + n - 1]
+        nonlocal new_k, new_v, q_last
+        if new_k is None:
+            new_k, new_v = k.new_empty(L, *k.shape[1:]), v.new_empty(L, *v.shape[1:])
+            q_last = q.new_empty(L, len(last), q.shape[1], q.shape[3])
+        new_k[i], new_v[i] = k[0], v[0]
+        if last:
+            q_last[i] = q[0, :, last_rows].transpose(0, 1)
         out = torch.empty_like(q)
         for blk in blocks:
-            kb = _cat([chunks[j][0].k[i, :, :n] for j, _, n in blk.keys])[None]
-            vb = _cat([chunks[j][0].v[i, :, :n] for j, _, n in blk.keys])[None]
+            if all(chunks[j][0].done == 0 for j, _, _ in blk.keys):  # all keys are this forward's: a view
+                a, b = offs[blk.keys[0][0]], offs[blk.keys[-1][0]] + blk.keys[-1][2]
+                kb, vb = k[:, :, a:b], v[:, :, a:b]
+            else:
+                kb = _cat([keys(j, n, i, k[0], chunks[j][0].k) for j, _, n in blk.keys])[None]
+                vb = _cat([keys(j, n, i, v[0], chunks[j][0].v) for j, _, n in blk.keys])[None]
             ar = torch.arange(kb.shape[2], device=dev)
             allowed = (ar >= blk.lo[:, None]) & (ar <= blk.hi[:, None])  # [rows, keys]
             qb = q[:, :, blk.a : blk.b]
@@ -367,10 +385,17 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
         return out
 
     x = norm(run_layers(model, embed(ids), pos[None], attend))
-    for (kv, n), m in zip(chunks, mass):
+    for (kv, n), r, m in zip(chunks, offs, mass):
+        if kv.done == 0 and n == len(kv.ids):  # the whole prompt in this forward: views, no copy
+            kv.k, kv.v = new_k[:, :, r : r + n], new_v[:, :, r : r + n]
+        else:
+            kv.k[:, :, kv.done : kv.done + n] = new_k[:, :, r : r + n]
+            kv.v[:, :, kv.done : kv.done + n] = new_v[:, :, r : r + n]
         if m is not None:
             kv.mass[: m.shape[0]] += m
         kv.done += n
+    for f, j in enumerate(last):
+        chunks[j][0].q_last[:, 0] = q_last[:, f]
     return x
 
 

@@ -58,6 +58,9 @@ class AdoreConfig:
                        "controller: an MLP over that attention at several decays and the distance, trained "
                        "on future attention; shipped per model) or 'controller' (the paper's GRU over token "
                        "embeddings and positions)", choices=("attention", "learned", "controller"))
+    scorer_path: str | None = knob(None, "adore scorer 'learned': a trained scorer file (`python -m "
+                                   "adore.train.scorer --out ...`) instead of the one shipped for the model "
+                                   "(none: the shipped one)")
     score_decay: float = knob(0.5, "adore scorer 'attention': weight of the past steps' attention in a token's "
                               "score (0: the last step only)")
     score_layers: int | None = knob(None, "adore scorers 'attention', 'learned': how many layers' queries score the "
@@ -91,6 +94,8 @@ class AdoreConfig:
                             f"got {self.protect_sinks}")
         if self.scorer not in ("attention", "learned", "controller"):
             raise UserError(f"scorer must be 'attention', 'learned' or 'controller', got {self.scorer!r}")
+        if self.scorer_path is not None and self.scorer != "learned":
+            raise UserError(f"scorer_path is read by scorer 'learned' only (scorer is {self.scorer!r})")
         if not 0.0 <= self.score_decay < 1.0:
             raise UserError(f"score_decay must be in [0, 1), got {self.score_decay}")
         if self.score_layers is not None and self.score_layers < 1:

@@ -52,7 +52,7 @@ class ModelInfo:
     transformers model carries no attributes of ours).
 
     name:        "smollm2-135m", "random:<shape>" or a checkpoint directory's base name; picks the
-                 controller shipped for the model (adore.assets.find_controller). None: a model from
+                 controller shipped for the model (adore.assets.find_asset). None: a model from
                  elsewhere, which has none.
     tuned_top_k: the top-K attention an adapter merged into the weights was trained under
                  (adore.train.finetune.apply_adapter); None: no adapter, or one trained dense. Such a

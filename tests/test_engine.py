@@ -236,7 +236,7 @@ def test_the_engine_decides_by_the_model_info_from_load_model(tiny):
     shipped controller follow it, not attributes on the transformers model."""
     from dataclasses import replace
 
-    from adore.assets import find_controller
+    from adore.assets import find_asset
     from adore.models import ModelInfo
 
     model, tok, info = tiny
@@ -246,8 +246,8 @@ def test_the_engine_decides_by_the_model_info_from_load_model(tiny):
     tuned = Engine(model, tok, make_policy("adore", cfg), info=replace(info, tuned_top_k=8), max_batch=1,
                    max_seq_len=32)
     assert plain.prefill_top_k is None and tuned.prefill_top_k == 4  # the policy's K, as in decode
-    assert find_controller(info) is None and find_controller(ModelInfo()) is None
-    assert find_controller(ModelInfo(name="smollm2-135m")).name == "smollm2-135m.safetensors"
+    assert find_asset(info) is None and find_asset(ModelInfo()) is None
+    assert find_asset(ModelInfo(name="smollm2-135m")).name == "smollm2-135m.safetensors"
 
 
 SYNC_METHODS = ("__int__", "__bool__", "__float__", "__index__", "item", "tolist", "nonzero", "cpu")

@@ -164,3 +164,24 @@ def test_the_learned_scorer_needs_a_trained_one(tiny_gqa):
     model, tok, info = tiny_gqa
     with pytest.raises(UserError, match="no trained scorer"):
         Engine(model, tok, make_policy("adore", AdoreConfig(cache_size=8, scorer="learned")), info=info)
+
+
+def test_scorer_path_loads_a_trained_scorer_for_a_model_that_ships_none(tiny_gqa, tmp_path):
+    """scorer_path: a scorer file from the trainer serves a model with none shipped; a missing file, a
+    file that is not a scorer, or scorer_path without scorer 'learned' is a clear UserError."""
+    model, tok, info = tiny_gqa
+    trained = _learned_policy().learned
+    trained.save(str(tmp_path / "s.safetensors"))
+    pol = make_policy("adore", AdoreConfig(cache_size=8, scorer="learned", scorer_path=str(tmp_path / "s.safetensors")))
+    eng = Engine(model, tok, pol, info=info, max_batch=1, max_seq_len=64)
+    for a, b in zip(eng.policy.learned.parameters(), trained.parameters()):
+        assert torch.equal(a, b)
+    eng.generate([list(range(3, 20))], SamplingParams(max_tokens=4, ignore_eos=True))
+    (tmp_path / "junk.safetensors").write_text("not a scorer")
+    for path, match in [(tmp_path / "missing.safetensors", "no such file"), (tmp_path / "junk.safetensors",
+                                                                             "not a trained scorer")]:
+        pol = make_policy("adore", AdoreConfig(cache_size=8, scorer="learned", scorer_path=str(path)))
+        with pytest.raises(UserError, match=match):
+            Engine(model, tok, pol, info=info)
+    with pytest.raises(UserError, match="scorer_path"):
+        AdoreConfig(scorer_path=str(tmp_path / "s.safetensors"))

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).parent
 
 
-def find_controller(info: ModelInfo, kind: str = "controllers") -> Path | None:
+def find_asset(info: ModelInfo, kind: str = "controllers") -> Path | None:
     """The shipped controller ("controllers") or v2 scorer ("scorers") for a model (its ModelInfo from
     adore.models.load_model), if one exists."""
     if not info.name:

@@ -34,6 +34,7 @@ Ablations: `adore-norebuild` (R = 0) and `adore-nocontroller` (scores from a fix
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,7 @@ class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
     knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks",
-             "scorer", "score_decay", "score_layers", "rebuild_source", "store_size")
+             "scorer", "scorer_path", "score_decay", "score_layers", "rebuild_source", "store_size")
     controller: Controller | None = field(default=None, repr=False)
     embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
     learned: LearnedScorer | None = field(default=None, repr=False)  # scorer 'learned' (bind loads it)
@@ -144,14 +145,19 @@ class AdorePolicy(Policy):
         if self.by_attention:
             self.controller = None
             if self.cfg.scorer == "learned" and self.learned is None:
-                from ..assets import find_controller
+                from ..assets import find_asset
 
-                path = find_controller(info, "scorers")
+                path = self.cfg.scorer_path or find_asset(info, "scorers")
+                if self.cfg.scorer_path and not os.path.isfile(path):
+                    raise UserError(f"scorer_path {path!r}: no such file")
                 if path is None:
                     raise UserError(f"scorer 'learned': no trained scorer is shipped for model {info.name!r}; "
                                     f"train one with `python -m adore.train.scorer` (see adore/assets/scorers/"
-                                    f"MADE.md) or use scorer 'attention'")
-                self.learned = LearnedScorer.load(str(path))
+                                    f"MADE.md) and give it as scorer_path, or use scorer 'attention'")
+                try:
+                    self.learned = LearnedScorer.load(str(path))
+                except Exception as e:  # noqa: BLE001 - a user's file that is not a scorer: say so
+                    raise UserError(f"{path}: not a trained scorer ({type(e).__name__}: {e})"[:400]) from e
             if self.learned is not None:
                 self.learned.to(device).eval().requires_grad_(False)
             self.decay_weights = torch.tensor(self.decays, device=device)  # [F], once: observe runs every step
@@ -290,10 +296,10 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
 def default_controller(model, info: ModelInfo) -> Controller:
     """The trained controller shipped for the model (by its ModelInfo) if there is one, else a fresh
     one initialised from seed 0 (in a forked RNG: the caller's global random state is left as it was)."""
-    from ..assets import find_controller
+    from ..assets import find_asset
     from ..controller import ControllerConfig
 
-    path = find_controller(info)
+    path = find_asset(info)
     if path is not None:
         return Controller.load(str(path))
     with torch.random.fork_rng(devices=[]):

@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore import AdoreConfig, SamplingParams  # noqa: E402
 from adore.cli import add_knob_args  # noqa: E402
-from adore.config import UserError, knob_values  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
-from adore.policies import make_policy, parse_policy_spec  # noqa: E402
+from adore.policies import policy_from_spec  # noqa: E402
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -48,10 +48,8 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def make_engine(lm, method: str, args, max_batch: int, max_seq_len: int) -> Engine:
     model, tok, info = lm
-    name, cfg, extra = parse_policy_spec(method, AdoreConfig(**knob_values(args)))
-    if "adapter" in extra:
-        raise UserError(f"{method}: an adapter needs a trained model, not random weights")
-    return Engine(model, tok, make_policy(name, cfg, extra.get("controller")), info=info, max_batch=max_batch,
+    policy = policy_from_spec(method, AdoreConfig(**knob_values(args)), adapters=False)
+    return Engine(model, tok, policy, info=info, max_batch=max_batch,
                   max_seq_len=max_seq_len, max_prefill_tokens=args.max_prefill_tokens)
 
 

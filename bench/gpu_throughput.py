@@ -34,10 +34,10 @@ from adore import AdoreConfig, SamplingParams  # noqa: E402
 from adore.attention import head_dim  # noqa: E402
 from adore.cache import SlotCache  # noqa: E402
 from adore.cli import add_knob_args  # noqa: E402
-from adore.config import UserError, knob_values  # noqa: E402
+from adore.config import knob_values  # noqa: E402
 from adore.engine import Engine  # noqa: E402
 from adore.models import load_model  # noqa: E402
-from adore.policies import make_policy, parse_policy_spec  # noqa: E402
+from adore.policies import policy_from_spec  # noqa: E402
 
 ENGINE_METHODS = ("adore", "adore-norebuild", "window", "h2o", "full")
 
@@ -76,10 +76,7 @@ def prompts(batch: int, n: int, vocab: int) -> list[list[int]]:
 
 def engine_policy(method: str, args):
     """'adore' or a spec with settings ('adore:store_size=128') over the command line's knobs."""
-    name, cfg, extra = parse_policy_spec(method, AdoreConfig(**knob_values(args)))
-    if "adapter" in extra:
-        raise UserError(f"{method}: an adapter needs a trained model, not random weights")
-    return make_policy(name, cfg, extra.get("controller"))
+    return policy_from_spec(method, AdoreConfig(**knob_values(args)), adapters=False)
 
 
 def run_engine(lm, method, batch, length, args):

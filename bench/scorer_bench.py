@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from adore.kernels.reference import received_attention  # noqa: E402
+from adore.policies.adore import scoring_layers  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +50,7 @@ def main() -> None:
         q = torch.randn(L, n + 4, H, D, device="cuda", generator=g)[:, :n]
         oks = [torch.rand(n, N, device="cuda", generator=g) > 0.3 for N in (args.cache, args.store)]
         for spec in args.layers.split(","):
-            layers = list(range(L)) if spec == "all" else sorted({round(i * (L - 1) / (int(spec) - 1))
-                                                                  for i in range(int(spec))})
+            layers = scoring_layers(L, None if spec == "all" else int(spec))
             call = (q, [k, s], oks, D**-0.5, layers)
             err = (received_attention_triton(*call).double() - received_attention(*call)).abs().max().item()
             t_torch = do_bench(lambda c=call: received_attention(*c))

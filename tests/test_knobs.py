@@ -130,3 +130,13 @@ def test_masked_stream_models_the_protected_positions(tiny_gqa):
     ref = perplexity(eng, ids, progress=False)
     fast = stream_ppl(model, ids, "adore", cfg, ctrl)
     assert abs(fast["ppl"] - ref["ppl"]) / ref["ppl"] < 1e-4, (fast["ppl"], ref["ppl"])
+
+
+def test_policy_from_spec_refuses_an_adapter_for_random_weights():
+    from adore.config import UserError
+    from adore.policies import policy_from_spec
+
+    pol = policy_from_spec("adore:store_size=128:score_layers=4", adapters=False)
+    assert (pol.name, pol.cfg.store_size, pol.cfg.score_layers) == ("adore", 128, 4)
+    with pytest.raises(UserError, match="adapter"):
+        policy_from_spec("adore:adapter=/some/dir", adapters=False)

@@ -124,12 +124,12 @@ def received_attention_triton(queries: torch.Tensor, keys: list[torch.Tensor], o
     N1, N2 = k1.shape[3], (k2.shape[3] if len(keys) == 2 else 0)
     Hkv = k1.shape[2]
     G, Ls, Nt = Hq // Hkv, len(layers), N1 + N2
-    out = torch.zeros(n, Nt, dtype=torch.float32, device=queries.device)
     if n == 0 or Nt == 0 or Ls == 0:
-        return out
+        return torch.zeros(n, Nt, dtype=torch.float32, device=queries.device)
     for t in (queries, k1, k2):
         if t.stride(-1) != 1:
             raise ValueError("received_attention_triton needs the head dimension contiguous")
+    out = torch.empty(n, Nt, dtype=torch.float32, device=queries.device)  # _mass_kernel writes all of it
     logits = torch.empty(Ls, n, Hq, Nt, dtype=torch.float32, device=queries.device)
     lse = torch.empty(Ls, n, Hq, dtype=torch.float32, device=queries.device)
     g_pad = max(16, triton.next_power_of_2(G))  # a tensor-core product needs >= 16 rows: the G heads, padded

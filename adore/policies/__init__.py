@@ -61,6 +61,16 @@ def parse_policy_spec(spec: str, base: AdoreConfig | None = None) -> tuple[str, 
     return name, AdoreConfig(**kw), extra
 
 
+def policy_from_spec(spec: str, base: AdoreConfig | None = None, *, adapters: bool = True) -> Policy:
+    """The policy a spec names (`parse_policy_spec`), with its controller file loaded if it gives one.
+    adapters=False (a model with random weights, which no adapter was trained for): a spec that names an
+    adapter is a UserError, not silently dropped."""
+    name, cfg, extra = parse_policy_spec(spec, base)
+    if "adapter" in extra and not adapters:
+        raise UserError(f"{spec}: an adapter needs a trained model, not random weights")
+    return make_policy(name, cfg, extra.get("controller"))
+
+
 def _load_controller(path: str):
     import os
 
@@ -74,4 +84,5 @@ def _load_controller(path: str):
         raise UserError(f"cannot load controller {path}: {e}") from None
 
 
-__all__ = ["Policy", "SlotView", "select_keep", "POLICIES", "make_policy", "policy_names", "parse_policy_spec"]
+__all__ = ["Policy", "SlotView", "select_keep", "POLICIES", "make_policy", "policy_names", "parse_policy_spec",
+           "policy_from_spec"]

@@ -138,18 +138,16 @@ class AdorePolicy(Policy):
         from ..attention import attention_scale
 
         self.scale = attention_scale(model)
-        L, k = model.config.num_hidden_layers, self.cfg.score_layers
-        # the layers whose queries score: evenly spaced (k >= 2: the first and the last among them)
-        self.scoring_layers = list(range(L)) if k is None or k >= L else \
-            sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
+        self.scoring_layers = scoring_layers(model.config.num_hidden_layers, self.cfg.score_layers)
         if self.by_attention:
             self.controller = None
             if self.cfg.scorer == "learned" and self.learned is None:
                 from ..assets import find_asset
 
-                path = self.cfg.scorer_path or find_asset(info, "scorers")
-                if self.cfg.scorer_path and not os.path.isfile(path):
+                path = self.cfg.scorer_path
+                if path is not None and not os.path.isfile(path):
                     raise UserError(f"scorer_path {path!r}: no such file")
+                path = path or find_asset(info, "scorers")
                 if path is None:
                     raise UserError(f"scorer 'learned': no trained scorer is shipped for model {info.name!r}; "
                                     f"train one with `python -m adore.train.scorer` (see adore/assets/scorers/"
@@ -261,6 +259,14 @@ class AdorePolicy(Policy):
             return top.indices, ok
         r = int(ok.sum(1).max())
         return top.indices[:, :r], ok[:, :r]
+
+
+def scoring_layers(L: int, k: int | None) -> list[int]:
+    """The k layers of L whose queries score (knob score_layers): evenly spaced, the first and the last
+    among them for k >= 2; None or k >= L: all."""
+    if k is None or k >= L:
+        return list(range(L))
+    return sorted({round(i * (L - 1) / max(k - 1, 1)) for i in range(k)})
 
 
 def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],

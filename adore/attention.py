@@ -191,31 +191,29 @@ class PromptKV:
     engine's staging between steps): its ids, and what the positions run so far left behind.
 
     ids   [P] its tokens
-    k, v  [L, Hkv, P, D] per layer, the keys (RoPE applied) and values of positions [0, done)
+    k, v  [L, Hkv, P, D] per layer, the keys (RoPE applied) and values of positions [0, done); None
+          before the first forward (a prompt run whole in one forward gets views of that forward's K/V;
+          one chunked over several gets room for all P positions at its first chunk)
     mass  [P] float32 the attention each position has received so far, summed over layers, heads
           and the query rows run so far; None: not collected
-    q_last  [L, 1, Hq, D] each layer's query of the last position, once it has run (for a policy
-          that scores the prompt by its last token's attention); None: not collected
+    q_last  [L, 1, Hq, D] each layer's query of the last position, once it has run and if
+          want_queries (for a policy that scores the prompt by its last token's attention)
     done  positions run so far
     """
 
     ids: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
     mass: torch.Tensor | None = None
     q_last: torch.Tensor | None = None
     done: int = 0
+    want_queries: bool = False
 
     @classmethod
-    def new(cls, model, ids: torch.Tensor, want_mass: bool = False, want_queries: bool = False) -> PromptKV:
-        """Room for all of ids [P] (on the model's device) in every layer, nothing run yet."""
-        w = next(model.parameters())
-        hd = head_dim(model.config)
-        shape = (model.config.num_hidden_layers, local_kv_heads(model), ids.shape[0], hd)
+    def new(cls, ids: torch.Tensor, want_mass: bool = False, want_queries: bool = False) -> PromptKV:
+        """ids [P] (on the model's device), nothing run yet."""
         mass = torch.zeros(ids.shape[0], device=ids.device) if want_mass else None
-        q_heads = model.model.layers[0].self_attn.q_proj.weight.shape[0] // hd  # local (AutoTP)
-        q_last = w.new_zeros(shape[0], 1, q_heads, hd) if want_queries else None
-        return cls(ids, w.new_empty(shape), w.new_empty(shape), mass, q_last)
+        return cls(ids, mass=mass, want_queries=want_queries)
 
 
 # The packed prefill's attention runs in blocks of query rows, each holding at most this many fp32
@@ -229,11 +227,14 @@ PREFILL_SCORES = 1 << 25
 # every step (bench/gpu_latency.py --profile: 0.55 s of a mixed step's host time in 3 steps).
 _PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# In the dense packed prefill a chunk of at least this many rows gets query blocks of its own: they
-# attend causally (lower-right aligned: the rows are the last positions of the keys), which the flash
-# kernel runs without a mask, skipping the masked half; shorter chunks share masked blocks (one call
-# for many short prompts). On an H200 a masked 4,096 x 4,096 block of two prompts took 70 ms a layer
-# set against ~5 for the two causal ones (bench/gpu_latency.py --profile).
+# A fresh chunk (a prompt's first) of fewer rows than this is attended in a padded batch with the other
+# short fresh chunks of the forward ([k, H, longest, D], causal: no mask, no other prompt's keys; a burst
+# of 512 prompts of 32 tokens costs 512 x 32 x 32 scores a head instead of a masked 16,384 x 16,384
+# block). In the dense prefill every other chunk gets query blocks of its own, which attend causally
+# (lower-right aligned: the rows are the last positions of the keys) and the flash kernel runs without
+# a mask; with explicit scores (mass, top-K) they share masked blocks. On an H200 a masked 4,096 x 4,096
+# block of two prompts took 70 ms a layer set against ~5 for the two causal ones (bench/gpu_latency.py
+# --profile).
 PREFILL_ALONE = 256
 
 
@@ -250,16 +251,23 @@ class _Block:
     hi: torch.Tensor  # [b - a]
 
 
-def _query_blocks(spans: list[tuple[int, int]], max_cells: int, alone: int | None = None) -> list[tuple[int, int]]:
+def _query_blocks(spans: list[tuple[int, int]], max_cells: int, alone: int | None = None,
+                  skip: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
     """Cut the packed rows of chunks spans [(done, n)] (positions done..done+n-1 each) into blocks of
     consecutive rows [a, b) with rows x keys <= max_cells (one row a block at least); a block's keys
     are, for each prompt it touches, that prompt's positions up to the block's last row of it.
     Greedy, each block's end solved for: rows [a, x) ending inside a chunk that starts at row `off`
     see closed + done + (x - off) keys, closed being those of the block's earlier prompts. A chunk of
-    at least `alone` rows shares no block with another prompt's."""
+    at least `alone` rows shares no block with another prompt's; the chunks numbered in `skip` are in
+    no block (they are attended elsewhere)."""
     out, a, closed, off = [], 0, 0, 0
-    for done, n in spans:
+    for i, (done, n) in enumerate(spans):
         end, r = off + n, off
+        if i in skip:
+            if off > a:
+                out.append((a, off))
+            a, closed, off = end, 0, end
+            continue
         own = alone is not None and n >= alone
         if own and off > a:  # a long chunk starts a block of its own...
             out.append((a, off))
@@ -284,10 +292,10 @@ def _query_blocks(spans: list[tuple[int, int]], max_cells: int, alone: int | Non
 
 
 def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: int,
-            alone: int | None = None) -> list[_Block]:
+            alone: int | None = None, skip: frozenset[int] = frozenset()) -> list[_Block]:
     """The blocks of `_query_blocks` with their keys and each row's visible key range."""
     out, j0, offs = [], 0, list(itertools.accumulate((n for _, n in chunks), initial=0))
-    for a, b in _query_blocks([(kv.done, n) for kv, n in chunks], max_cells, alone):
+    for a, b in _query_blocks([(kv.done, n) for kv, n in chunks], max_cells, alone, skip):
         while offs[j0 + 1] <= a:
             j0 += 1
         keys, rows, k0 = [], [], 0
@@ -302,6 +310,46 @@ def _blocks(chunks: list[tuple[PromptKV, int]], pos: torch.Tensor, max_cells: in
         lo = torch.repeat_interleave(torch.tensor([k for _, k, _ in keys]), torch.tensor(rows)).to(pos.device)
         out.append(_Block(a, b, keys, lo, lo + pos[a:b]))
     return out
+
+
+@dataclass
+class _Padded:
+    """Short fresh chunks attended as one padded batch [k, H, longest, D]. Each chunk's rows start at
+    its prompt's position 0 and the padding (copies of its last row) comes after them, so causal
+    attention gives every real row exactly its own prompt's keys at or before it, with no mask.
+
+    rows   [k, longest] the packed row of each padded row
+    real   [J] where the real rows are in the flattened [k * longest] batch; at [J] their packed rows
+    allowed  [k, longest, longest] causal, real rows only (explicit scores: no mass to the padding)
+    """
+
+    rows: torch.Tensor
+    real: torch.Tensor
+    at: torch.Tensor
+    allowed: torch.Tensor | None
+
+
+def _padded_batches(chunks: list[tuple[PromptKV, int]], offs: list[int], dev, max_cells: int,
+                    alone: int, explicit: bool) -> tuple[list[_Padded], frozenset[int]]:
+    """The fresh chunks of fewer than `alone` rows, by length, in padded batches of at most max_cells
+    cells (rows x keys, summed over the batch); and the set of their chunk numbers."""
+    short = sorted((n, j) for j, (kv, n) in enumerate(chunks) if kv.done == 0 and n < alone)
+    out, i = [], 0
+    while i < len(short):
+        k = 1
+        while i + k < len(short) and (k + 1) * short[i + k][0] ** 2 <= max_cells:
+            k += 1
+        part, longest = short[i : i + k], short[i + k - 1][0]
+        ar = torch.arange(longest)
+        rows = torch.stack([offs[j] + ar.clamp(max=n - 1) for n, j in part])  # [k, longest], on the host
+        ok = torch.stack([ar < n for n, _ in part])
+        allowed = None
+        if explicit:
+            allowed = (ar[None, :, None] >= ar[None, None, :]) & ok[:, :, None]
+            allowed = allowed.to(dev)
+        out.append(_Padded(rows.to(dev), ok.flatten().nonzero()[:, 0].to(dev), rows[ok].to(dev), allowed))
+        i += k
+    return out, frozenset(j for _, j in short)
 
 
 @torch.no_grad()
@@ -319,32 +367,43 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
     succeeded, so a failed one can be run again). Returns the hidden states after the final norm
     [1, T, H]: a prompt's last row gives its next token once its last chunk is in.
 
-    Attention runs in blocks of consecutive query rows (`_query_blocks`), each over the keys of the
-    prompts it touches: at most max_scores scores [Hq, rows, keys] per block (mask cells [rows, keys]
-    where no explicit scores are needed), so memory stays bounded whatever the prompts' lengths, and
-    the work is rows x the keys of their own prompts (plus those of the block's other prompts), not
-    T x T. Without explicit scores a chunk of >= `alone` rows has blocks of its own (causal, no mask).
+    Fresh chunks (a prompt's first) of fewer than `alone` rows attend in padded batches, causally, each
+    over its own rows (`_Padded`). The other chunks attend in blocks of consecutive query rows
+    (`_query_blocks`), each over the keys of the prompts it touches: at most max_scores scores
+    [Hq, rows, keys] per block or padded batch (mask cells [rows, keys] where no explicit scores are
+    needed), so memory stays bounded whatever the prompts' lengths, and the work is rows x the keys of
+    their own prompts (plus those of the block's other prompts), not T x T. Without explicit scores
+    each of those chunks has blocks of its own (lower-right causal, no mask).
     """
     embed, _, norm, _, _ = decoder_parts(model)
     dev = chunks[0][0].ids.device
     ids = torch.cat([kv.ids[kv.done : kv.done + n] for kv, n in chunks])[None]  # [1, T]
-    pos = torch.cat([torch.arange(kv.done, kv.done + n, device=dev) for kv, n in chunks])
+    pos = torch.cat([torch.arange(kv.done, kv.done + n) for kv, n in chunks]).to(dev)  # built on the host
     offs = list(itertools.accumulate((n for _, n in chunks), initial=0))
     q_heads = model.model.layers[0].self_attn.q_proj.weight.shape[0] // head_dim(model.config)  # local (AutoTP)
-    # this forward's mass per prompt, over its keys [0, done + n): added to the PromptKVs at the end
-    mass = [torch.zeros(kv.done + n, device=dev) if kv.mass is not None else None for kv, n in chunks]
-    want_mass = any(m is not None for m in mass)
+    want_mass = any(kv.mass is not None for kv, _ in chunks)
     explicit = want_mass or top_k is not None  # fp32 scores per head; else a fused kernel and a mask
-    blocks = _blocks(chunks, pos, max(1, max_scores // q_heads if explicit else max_scores),
-                     None if explicit else alone)
+    cells = max(1, max_scores // q_heads if explicit else max_scores)
+    padded, skip = _padded_batches(chunks, offs, dev, cells, alone, explicit)
+    blocks = _blocks(chunks, pos, cells, None if explicit else 1, skip)
+    # this forward's mass: per prompt in blocks, over its keys [0, done + n); the padded chunks' in one
+    # packed vector [T] (their keys are their own rows); added to the PromptKVs at the end
+    mass = [torch.zeros(kv.done + n, device=dev) if kv.mass is not None and j not in skip else None
+            for j, (kv, n) in enumerate(chunks)]
+    packed_mass = torch.zeros(offs[-1], device=dev) if want_mass and padded else None
     scale = attention_scale(model)
 
     # this forward's K/V of every layer, all rows packed [L, Hkv, T, D], and each finishing prompt's
     # last query [L, F, Hq, D]: one write a layer, then one copy a chunk (not 3 x L small copies a chunk)
     L = model.config.num_hidden_layers
-    last = [j for j, (kv, n) in enumerate(chunks) if kv.q_last is not None and kv.done + n == len(kv.ids)]
+    last = [j for j, (kv, n) in enumerate(chunks) if kv.want_queries and kv.done + n == len(kv.ids)]
     last_rows = torch.tensor([offs[j] + chunks[j][1] - 1 for j in last], device=dev)
     new_k = new_v = q_last = None
+    w, kv_heads = next(model.parameters()), local_kv_heads(model)
+    for kv, n in chunks:  # room for a prompt that comes in chunks, before anything changes (may fail)
+        if kv.k is None and n < len(kv.ids):
+            shape = (L, kv_heads, len(kv.ids), head_dim(model.config))
+            kv.k, kv.v = w.new_empty(shape), w.new_empty(shape)
 
     def keys(j: int, n: int, i: int, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """Prompt j's keys (or values) [0, n) in layer i: its earlier chunks' (old) and this forward's."""
@@ -360,6 +419,18 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
         if last:
             q_last[i] = q[0, :, last_rows].transpose(0, 1)
         out = torch.empty_like(q)
+        gqa = q.shape[1] != k.shape[1]
+        for pb in padded:  # [1, H, T, D] -> [k, H, longest, D] and back
+            qb, kb, vb = (t[0][:, pb.rows].transpose(0, 1) for t in (q, k, v))
+            if explicit:
+                o, m = masked_attention(qb, kb, vb, pb.allowed, top_k, scale, want_mass)
+                if m is not None:
+                    packed_mass.index_add_(0, pb.at, m.flatten()[pb.real])
+            else:
+                with sdpa_kernel(_PREFILL_SDPA):
+                    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+            flat = o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[3])  # [H, k * longest, D]
+            out[0][:, pb.at] = flat[:, pb.real]
         for blk in blocks:
             if all(chunks[j][0].done == 0 for j, _, _ in blk.keys):  # all keys are this forward's: a view
                 a, b = offs[blk.keys[0][0]], offs[blk.keys[-1][0]] + blk.keys[-1][2]
@@ -379,8 +450,7 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
                 # one prompt's rows are the last of its keys: lower-right causal, no mask to read
                 mask = causal_lower_right(qb.shape[2], kb.shape[2]) if len(blk.keys) == 1 else allowed
                 with sdpa_kernel(_PREFILL_SDPA):
-                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
-                                                       enable_gqa=q.shape[1] != k.shape[1])
+                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
             out[:, :, blk.a : blk.b] = o
         return out
 
@@ -393,9 +463,11 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
             kv.v[:, :, kv.done : kv.done + n] = new_v[:, :, r : r + n]
         if m is not None:
             kv.mass[: m.shape[0]] += m
+        elif kv.mass is not None:  # a padded chunk
+            kv.mass[:n] += packed_mass[r : r + n]
         kv.done += n
     for f, j in enumerate(last):
-        chunks[j][0].q_last[:, 0] = q_last[:, f]
+        chunks[j][0].q_last = q_last[:, f : f + 1]
     return x
 
 
@@ -411,6 +483,6 @@ def forward_prompt(model, ids: torch.Tensor, want_mass: bool = False, top_k: int
 
     Returns hidden [1, P, H], per-layer K and V lists ([1, Hkv, P, D] each), and the attention mass
     each position received summed over layers, heads and queries ([1, P]) if want_mass."""
-    kv = PromptKV.new(model, ids[0], want_mass)
+    kv = PromptKV.new(ids[0], want_mass)
     hidden = forward_prompts(model, [(kv, ids.shape[1])], top_k=top_k)
     return hidden, list(kv.k[:, None]), list(kv.v[:, None]), None if kv.mass is None else kv.mass[None]

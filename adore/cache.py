@@ -104,28 +104,26 @@ class SlotCache:
         are emptied). rows must be sorted (as nonzero() gives them)."""
         if self.store_k is None or rows.numel() == 0:
             return
-        ok, dst = self._store_slots(rows, pos_scores)
-        rows, slots = rows[ok], slots[ok]
-        copy_tokens(self.k, rows, slots, self.store_k, rows, dst)  # straight across, no temporary
-        copy_tokens(self.v, rows, slots, self.store_v, rows, dst)
-        self.store_pos[rows, dst] = self.pos[rows, slots]
+        self.store_from(self.k, self.v, rows, slots, rows, self.pos[rows, slots], pos_scores)
 
-    def store_put(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  pos_scores: torch.Tensor | None) -> None:
-        """Put tokens given by value into the stores (a prompt's cut): rows [J] (sorted), positions [J],
-        k and v [J, L, Hkv, D]; the slots as in `_store_slots`."""
+    def store_from(self, src_k: torch.Tensor, src_v: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
+                   rows: torch.Tensor, positions: torch.Tensor, pos_scores: torch.Tensor | None) -> None:
+        """Put J tokens into the stores of rows [J] (sorted): token j is src_k/src_v[:, src_b[j], :, src_s[j]]
+        (src [L, B', Hkv, S', D]: the cache itself on release, a prompt's K/V at its cut) at position
+        positions[j]; the slots as in `_store_slots`. No device sync: tokens that find no room are
+        written to the trash slot, which is never read."""
         ok, dst = self._store_slots(rows, pos_scores)
-        rows = rows[ok]
-        self.store_k[:, rows, :, dst] = k[ok].to(self.store_k.dtype)
-        self.store_v[:, rows, :, dst] = v[ok].to(self.store_v.dtype)
-        self.store_pos[rows, dst] = positions[ok]
+        copy_tokens(src_k, src_b, src_s, self.store_k, rows, dst)  # straight across, no temporary
+        copy_tokens(src_v, src_b, src_s, self.store_v, rows, dst)
+        self.store_pos[rows, dst] = torch.where(ok, positions, -1)
 
     def _store_slots(self, rows: torch.Tensor, pos_scores: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Where J tokens of rows [J] (sorted) go in the stores: which of them are kept [J] bool, and the
-        store slot of each kept one. A row's free store slots are used first (the lowest-numbered
-        first), then its lowest-scored stored tokens (pos_scores [rows, P]; None: the oldest) are
-        dropped for good; a row putting more tokens than its store holds keeps the first store_size."""
+        store slot of each [J] (the trash slot for those not kept). A row's free store slots are used
+        first (the lowest-numbered first), then its lowest-scored stored tokens (pos_scores [rows, P];
+        None: the oldest) are dropped for good; a row putting more tokens than its store holds keeps
+        the first store_size."""
         # rows (like pos_scores) cover the first n rows; rows.numel() bounds what one row puts (both
         # known on the host: no device sync)
         n = pos_scores.shape[0] if pos_scores is not None else self.store_pos.shape[0]
@@ -136,7 +134,7 @@ class SlotCache:
         take = min(rows.numel(), self.store_size)
         dst_of = prio.sort(dim=1, stable=True).indices[:, :take]  # [n, take] the slots to (over)write
         ok = rank < take
-        return ok, dst_of[rows[ok], rank[ok]]
+        return ok, torch.where(ok, dst_of[rows, rank.clamp(max=take - 1)], self.store_size)
 
     def restore(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Move stored tokens at positions [J] of rows [J] back into cache slots [J] (free ones),
@@ -149,7 +147,7 @@ class SlotCache:
         self.pos[rows, slots] = positions
         self.store_pos[rows, src] = -1
 
-    def clear(self, b: int) -> None:
+    def clear(self, b: int | slice) -> None:
         self.pos[b] = -1
         self.mass[b] = 0
         self.released[b] = False

@@ -49,6 +49,7 @@ from torch.profiler import record_function
 from .attention import PromptKV, decoder_parts, forward_prompts, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
 from .config import MAX_PREFILL_TOKENS, SamplingParams, UserError
+from .kernels import copy_tokens
 from .models import ModelInfo
 from .policies import Policy, SlotView, select_keep
 from .policies.base import nothing_rebuilt
@@ -249,17 +250,9 @@ class Engine:
                     done += self._forward_chunks([chunk])
                 except Exception as e1:  # noqa: BLE001
                     self._fail([chunk[0]], e1, outs)
-        placed, hidden = [], []
-        for req, h in done:
-            self.waiting.remove(req.rid)
-            try:
-                with record_function("adore.prefill.place"):
-                    self._place(req)
-            except Exception as e:  # noqa: BLE001
-                self._fail([req], e, outs)
-                continue
-            placed.append(req)
-            hidden.append(h)
+        finished = {req.rid for req, _ in done}
+        self.waiting = deque(r for r in self.waiting if r not in finished)
+        placed, hidden = self._place_all(done, outs)
         if placed:
             n_out = len(outs)
             try:  # [n, 1, H] -> [n, V]: 3-D in, as DeepSpeed's sharded head slices [B, S, H]
@@ -285,9 +278,9 @@ class Engine:
             if req.kv is None:
                 try:
                     ids = torch.tensor(req.prompt, device=self.device)
-                    req.kv = PromptKV.new(self.model, ids, want_mass=self.policy.needs_mass,
+                    req.kv = PromptKV.new(ids, want_mass=self.policy.needs_mass,
                                           want_queries=self.policy.needs_queries)
-                except Exception as e:  # noqa: BLE001 - e.g. no memory for this prompt's K/V
+                except Exception as e:  # noqa: BLE001 - e.g. no device memory left for its ids
                     self._fail([req], e, outs)
                     continue
             n = min(len(req.prompt) - req.kv.done, room)
@@ -304,42 +297,106 @@ class Engine:
         ends = itertools.accumulate(n for _, n in plan)
         return [(r, hidden[:, e - 1]) for (r, _), e in zip(plan, ends) if r.kv.done == len(r.prompt)]
 
-    def _place(self, req: _Request) -> None:
-        """A request whose whole prompt is in (req.kv) takes the next row: the policy cuts the prompt
-        to its budget, one decision for all layers as after a decode step, into the cache row."""
-        kv, req.kv = req.kv, None
-        row = len(self.rows)
+    def _place_all(self, done: list[tuple[_Request, torch.Tensor]], outs: list[StepOutput]
+                   ) -> tuple[list[_Request], list[torch.Tensor]]:
+        """The requests whose whole prompt is in take the next rows: (request, last hidden state) each ->
+        those placed and their hidden states. Prompts within the budget go in together (`_place_whole`:
+        a handful of batched ops, however many there are: a burst's placement is not per-request host
+        work); longer ones are cut one by one (`_place_cut`). If the batched placement fails, each
+        request is placed alone, so that only one that fails ends (with "error")."""
+        budget = self.policy.budget
+        fits = [budget is None or len(r.prompt) <= budget for r, _ in done]
+        whole = [rh for rh, f in zip(done, fits) if f]
+        placed, hidden = [], []
+        if len(whole) > 1:
+            n0 = len(self.rows)
+            try:
+                with record_function("adore.prefill.place"):
+                    self._place_whole([r for r, _ in whole])
+            except Exception:  # noqa: BLE001 - undone, then each one alone below
+                del self.rows[n0:]
+                self.cache.clear(slice(n0, self.max_batch))
+            else:
+                placed, hidden = [r for r, _ in whole], [h for _, h in whole]
+                done, fits = [rh for rh, f in zip(done, fits) if not f], [False] * (len(done) - len(whole))
+        for (req, h), f in zip(done, fits):
+            try:
+                with record_function("adore.prefill.place"):
+                    if f:
+                        self._place_whole([req])
+                    else:
+                        self._place_cut(req)
+            except Exception as e:  # noqa: BLE001 - that request ends, the others go on
+                self._fail([req], e, outs)
+                continue
+            placed.append(req)
+            hidden.append(h)
+        return placed, hidden
+
+    def _place_whole(self, reqs: list[_Request]) -> None:
+        """Prompts no longer than the budget take the next rows [n0, n0 + k) whole: every position in
+        the slot of its own number (slot j = position j), in one copy for all of them; then the policy
+        scores them (one call: its features start from their prompts)."""
+        c, pol, dev = self.cache, self.policy, self.device
+        n0, k = len(self.rows), len(reqs)
+        rows = slice(n0, n0 + k)
+        lengths = [len(r.prompt) for r in reqs]
+        P = max(lengths)
+        self.rows += [r.rid for r in reqs]
+        c.clear(rows)
+        # every prompt token j of row b: (b, j), built on the host and sent once
+        at_row = torch.repeat_interleave(torch.arange(n0, n0 + k), torch.tensor(lengths)).to(dev)
+        at_pos = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+        kvs = [r.kv for r in reqs]
+        c.tok_at[at_row, at_pos] = torch.cat([kv.ids for kv in kvs])
+        src = torch.arange(at_pos.numel(), device=dev)
+        zero = torch.zeros_like(src)
+        copy_tokens(torch.cat([kv.k for kv in kvs], 2)[:, None], zero, src, c.k, at_row, at_pos)
+        copy_tokens(torch.cat([kv.v for kv in kvs], 2)[:, None], zero, src, c.v, at_row, at_pos)
+        c.pos[at_row, at_pos] = at_pos
+        if kvs[0].mass is not None:
+            c.mass[at_row, at_pos] = torch.cat([kv.mass for kv in kvs])
+        queries = torch.cat([kv.q_last for kv in kvs], 1) if kvs[0].q_last is not None else None
+        pol.prefill_scores(c, rows, lengths, queries, c.k[:, rows, :, :P])
+        for r in reqs:
+            r.kv, r.next_pos = None, len(r.prompt)
+        self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], P)
+
+    def _place_cut(self, req: _Request) -> None:
+        """A prompt longer than the budget takes the next row: the policy cuts it to the budget, one
+        decision for all layers as after a decode step (the released positions go to the second tier,
+        best first), with no device sync."""
+        c, pol, dev = self.cache, self.policy, self.device
+        kv, row, P, m = req.kv, len(self.rows), len(req.prompt), pol.budget
         self.rows.append(req.rid)
-        c, pol = self.cache, self.policy
-        P = len(req.prompt)
         c.clear(row)
         c.tok_at[row, :P] = kv.ids
-        pos = torch.arange(P, device=self.device)
-        pos_scores = pol.prefill_scores(c, row, kv.ids, pos, kv.q_last, kv.k)  # [1, P] or None
-        keep = pos
-        budget = pol.budget
-        if budget is not None and P > budget:
-            zeros = torch.zeros(1, P, device=self.device)
-            view = SlotView(pos[None], pos[-1:], kv.mass[None] if kv.mass is not None else zeros, pos_scores)
-            keep = select_keep(pol, view, torch.ones(1, P, dtype=torch.bool, device=self.device))
-            keep = keep[0].nonzero()[:, 0]
-            c.released[row, :P] = True
-            c.released[row, keep] = False
-            self.stats["released"] += P - budget
-            if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
-                out = c.released[row, :P].nonzero()[:, 0]
-                if pos_scores is not None:  # best first: a store smaller than the cut keeps those
-                    out = out[pos_scores[0, out].argsort(descending=True)]
-                c.store_put(torch.full_like(out, row), out, kv.k[:, :, out].permute(2, 0, 1, 3),
-                            kv.v[:, :, out].permute(2, 0, 1, 3), None)
-        n = keep.numel()
-        c.k[:, row, :, :n] = kv.k[:, :, keep]
-        c.v[:, row, :, :n] = kv.v[:, :, keep]
-        c.pos[row, :n] = keep
+        src_k, src_v = kv.k[:, None], kv.v[:, None]  # [L, 1, Hkv, P, D]
+        pos_scores = pol.prefill_scores(c, slice(row, row + 1), [P], kv.q_last, src_k)  # [1, P] or None
+        pos = torch.arange(P, device=dev)
+        mass = kv.mass[None] if kv.mass is not None else torch.zeros(1, P, device=dev)
+        keep = select_keep(pol, SlotView(pos[None], pos[-1:], mass, pos_scores),
+                           torch.ones(1, P, dtype=torch.bool, device=dev))[0]  # exactly m True
+        # the kept positions first (in order), then the released ones best first
+        s = pos_scores[0] if pos_scores is not None else torch.zeros(P, device=dev)
+        order = s.argsort(descending=True, stable=True)
+        order = order[keep[order].int().argsort(descending=True, stable=True)]
+        kept, out = order[:m].sort().values, order[m:]
+        c.released[row, :P] = True
+        c.released[row, kept] = False
+        self.stats["released"] += P - m
+        if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
+            out = out[: c.store_size]
+            zero = torch.zeros_like(out)
+            c.store_from(src_k, src_v, zero, out, zero + row, out, None)
+        slots = torch.arange(m, device=dev)
+        copy_tokens(src_k, torch.zeros_like(kept), kept, c.k, slots * 0 + row, slots)
+        copy_tokens(src_v, torch.zeros_like(kept), kept, c.v, slots * 0 + row, slots)
+        c.pos[row, :m] = kept
         if kv.mass is not None:
-            c.mass[row, :n] = kv.mass[keep]
-        self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], n)
-        req.next_pos = P
+            c.mass[row, :m] = kv.mass[kept]
+        req.kv, req.next_pos = None, P
+        self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"], m)
 
     def _decode(self, outs: list[StepOutput]) -> None:
         c, pol = self.cache, self.policy

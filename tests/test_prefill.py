@@ -69,7 +69,7 @@ def test_forward_prompts_packed_and_chunked_equal_one_prompt_each(tiny_gqa):
         # (chunk rows, max_scores, alone): one block; many; chunks in blocks of their own, lower-right causal
         for chunk, max_scores, alone in [(None, 1 << 25, 256), (None, 300, 256), (5, 64, 256), (7, 1, 256),
                                          (None, 1 << 25, 7), (5, 300, 5), (None, 64, 3)]:
-            kvs = [PromptKV.new(model, p, want_mass) for p in prompts]
+            kvs = [PromptKV.new(p, want_mass) for p in prompts]
             hidden = [[] for _ in prompts]
             while any(kv.done < len(kv.ids) for kv in kvs):
                 todo = [(i, min(len(kv.ids) - kv.done, chunk or len(kv.ids))) for i, kv in enumerate(kvs)
@@ -124,6 +124,20 @@ def test_packed_and_chunked_prefill_equal_one_prompt_at_a_time(model_tok, name):
     order = [2, 0, 4, 1, 3, 5]
     chunked, _ = run(model, tok, name, [PROMPTS[i] for i in order], max_batch=4, max_prefill_tokens=5)
     assert_same(chunked, [want[i] for i in order])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["adore", "h2o", "full"])
+def test_packed_and_chunked_prefill_cuda(name):
+    """On a GPU (fused SDPA kernels for the padded batches and blocks, Triton copies and scorer at the
+    placement), fp32: packed and chunked == one prompt at a time."""
+    from adore.models import load_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok, _ = load_model("random:tiny-gqa", device="cuda")
+    want = alone(model, tok, name, PROMPTS)
+    assert_same(run(model, tok, name, PROMPTS, max_batch=6)[0], want)
+    assert_same(run(model, tok, name, PROMPTS, max_batch=3, max_prefill_tokens=7)[0], want)
 
 
 def test_prefill_top_k_packed_and_chunked(model_tok):
@@ -186,6 +200,38 @@ def test_a_failing_prefill_ends_alone_packed_or_chunked(tiny, monkeypatch):
         assert eng.n_active == 0 and not eng.waiting
 
 
+def test_prompts_within_the_budget_are_placed_together_and_a_failing_one_ends_alone(tiny, monkeypatch):
+    """The prompts within the budget that a step finishes take their rows in one batched placement (one
+    policy call for all); if it fails, each is placed alone, so that only the request whose placement
+    fails ends with "error" and the others decode as they would alone."""
+    model, tok, _ = tiny
+    short = [p for p in PROMPTS if len(p) <= CFG["cache_size"]]  # 3, 9 and 1 tokens: placed whole
+    want = alone(model, tok, "adore", short)
+    calls = []
+    real = type(make_policy("adore")).prefill_scores
+
+    def scores(self, cache, rows, lengths, *a, **kw):
+        calls.append(list(lengths))
+        if 13 in lengths:
+            raise RuntimeError("placement exploded")
+        return real(self, cache, rows, lengths, *a, **kw)
+
+    monkeypatch.setattr(type(make_policy("adore")), "prefill_scores", scores)
+    got, _ = run(model, tok, "adore", short, max_batch=4)
+    assert calls == [[3, 9, 1]]  # one call for the three
+    assert_same(got, want)
+    calls.clear()
+    eng = Engine(model, tok, make_policy("adore", AdoreConfig(**CFG)), max_batch=4, max_seq_len=128)
+    rids = [eng.add_request(p, PARAMS) for p in [short[0], list(range(20, 33)), *short[1:]]]
+    errors = []
+    while eng.has_work():
+        errors += [o for o in eng.step() if o.finish_reason == "error"]
+    assert [o.request_id for o in errors] == [rids[1]] and "placement exploded" in errors[0].error
+    assert calls == [[3, 13, 9, 1], [3], [13], [9], [1]]  # the batch, then each alone
+    assert_same([eng.result(r) for r in rids[:1] + rids[2:]], want)
+    assert eng.n_active == 0 and not eng.waiting
+
+
 @pytest.mark.slow
 def test_smollm2_packed_and_chunked_prefill(smollm2):
     """The real model: four prompts of 5-70 tokens, packed and chunked at 16 tokens a step (h2o,
@@ -201,9 +247,13 @@ def test_smollm2_packed_and_chunked_prefill(smollm2):
 
 
 def test_query_blocks_keep_long_chunks_alone():
-    """A chunk of >= `alone` rows shares no block with another prompt; short ones still pack together."""
+    """A chunk of >= `alone` rows shares no block with another prompt; short ones still pack together;
+    skipped chunks are in no block."""
     spans = [(0, 3), (5, 4), (0, 2), (30, 9), (0, 1)]  # rows 0-2, 3-6, 7-8, 9-17, 18
     assert _query_blocks(spans, 10**6, alone=4) == [(0, 3), (3, 7), (7, 9), (9, 18), (18, 19)]
     assert _query_blocks(spans, 10**6, alone=5) == [(0, 9), (9, 18), (18, 19)]
     assert _query_blocks(spans, 10**6, alone=100) == [(0, 19)]
     assert _query_blocks([(0, 8)], 10**6, alone=2) == [(0, 8)]
+    # the padded chunks (fresh and short: attended as a padded batch) are in no block
+    assert _query_blocks(spans, 10**6, skip=frozenset({0, 2})) == [(3, 7), (9, 19)]
+    assert _query_blocks(spans, 10**6, alone=1, skip=frozenset({4})) == [(0, 3), (3, 7), (7, 9), (9, 18)]

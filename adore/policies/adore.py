@@ -88,12 +88,13 @@ class AdorePolicy(Policy):
         return self.cfg.store_size if self.rebuild_source == "stored" else 0
 
     def position_scores(self, feat_at: torch.Tensor | None, cur_pos: torch.Tensor,
-                        query: torch.Tensor | None) -> torch.Tensor:
+                        query: torch.Tensor | None, P: int | None = None) -> torch.Tensor:
         """Score of every position 0..P-1 for each row's current token: [n, P], -inf after cur_pos.
 
-        feat_at [n, P, S+1] stored controller features; query [n, S] the current tokens' queries."""
+        feat_at [n, P, S+1] stored controller features; query [n, S] the current tokens' queries;
+        P: 1 + cur_pos.max() where the caller knows it (else a device sync finds it)."""
         n = cur_pos.shape[0]
-        P = int(cur_pos.max()) + 1
+        P = int(cur_pos.max()) + 1 if P is None else P
         dist = cur_pos[:, None] - torch.arange(P, device=cur_pos.device)[None, :]
         raw = self.controller.score(query, feat_at[:n, :P], dist) if self.controller is not None else None
         return self.rule_scores(raw, dist)
@@ -112,11 +113,11 @@ class AdorePolicy(Policy):
             s = s.double() + BIG * (pos[None, :] < self.cfg.protect_sinks)
         return s.masked_fill(dist < 0, float("-inf"))
 
-    def received_scores(self, received: torch.Tensor, cur_pos: torch.Tensor) -> torch.Tensor:
+    def received_scores(self, received: torch.Tensor, cur_pos: torch.Tensor, P: int | None = None) -> torch.Tensor:
         """received [n, >= P, F] each position's decayed received attention (one per decay) -> scores
         [n, P] (scorer 'attention': its log; 'learned': the scorer's), with the policy's rules
-        (protected sinks and recent, -inf ahead)."""
-        P = int(cur_pos.max()) + 1
+        (protected sinks and recent, -inf ahead). P as in position_scores."""
+        P = int(cur_pos.max()) + 1 if P is None else P
         dist = cur_pos[:, None] - torch.arange(P, device=cur_pos.device)[None, :]
         if self.learned is not None:
             return self.rule_scores(self.learned(received[:, :P], dist).double(), dist)
@@ -171,21 +172,25 @@ class AdorePolicy(Policy):
         c = self.controller
         return (c.cfg.score_dim + 1, c.cfg.hidden_dim) if c is not None else (0, 0)
 
-    def prefill_scores(self, cache, row, ids, pos, queries=None, keys=None):
-        if self.by_attention:  # the prompt's last token's attention over the prompt
-            P = len(ids)
-            ok = torch.ones(1, P, dtype=torch.bool, device=pos.device)
-            got = received_attention(queries, [keys[:, None]], [ok], self.scale, self.scoring_layers)[0][0]
-            cache.feat_at[row, :P] = got[:, None]  # every average starts from it
-            return self.received_scores(cache.feat_at[row : row + 1], pos[-1:])
+    def prefill_scores(self, cache, rows, lengths, queries=None, keys=None):
+        dev = cache.pos.device
+        P = max(lengths)
+        last = torch.tensor(lengths, device=dev) - 1  # [k] each prompt's last position
+        if self.by_attention:  # each prompt's last token's attention over its prompt
+            ok = torch.arange(P, device=dev)[None, :] <= last[:, None]  # [k, P]
+            got = received_attention(queries, [keys[:, :, :, :P]], [ok], self.scale, self.scoring_layers)[0]
+            cache.feat_at[rows, :P] = got[..., None]  # every average starts from it
+            return self.received_scores(cache.feat_at[rows], last, P)
         query, feats = None, None
-        if self.controller is not None:
-            h = self.controller.run(self.embed(ids), pos)  # [P, H]: the GRU over the prompt
-            cache.feat_at[row, : len(ids)] = self.controller.token_features(h)
-            cache.ctrl_h[row] = h[-1]
-            query = self.controller.query_features(h[-1:])
-            feats = cache.feat_at[row : row + 1]
-        return self.position_scores(feats, pos[-1:], query)
+        if self.controller is not None:  # the GRU over each prompt (padded: a row's state at its end)
+            pos = torch.arange(P, device=dev)
+            h = self.controller.run_batch(self.embed(cache.tok_at[rows, :P]), pos.expand(len(lengths), P))
+            feats = cache.feat_at[rows]
+            feats[:, :P] = self.controller.token_features(h)
+            h_last = h[torch.arange(len(lengths), device=dev), last]  # [k, H]
+            cache.ctrl_h[rows] = h_last
+            query = self.controller.query_features(h_last)
+        return self.position_scores(feats, last, query, P)
 
     def step_scores(self, cache, n, cur_tok, cur_pos):
         if self.by_attention:  # the current token has received nothing yet: observe scores the step

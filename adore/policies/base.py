@@ -7,7 +7,7 @@ calls the same hooks for every policy and never asks which one it has (as a kvpr
 
     bind(model, info, embed, device)      once, before the cache is built (a learned scorer loads here)
     state_dims()                          per-position and per-row feature sizes the cache must hold
-    prefill_scores(cache, row, ids, pos, queries, keys)  scores of a new prompt's positions [1, P]
+    prefill_scores(cache, rows, lengths, queries, keys)  scores of new prompts' positions [k, P]
     step_scores(cache, n, cur_tok, cur_pos)  scores of every position for this step's tokens [n, P]
     choose_rebuild(cache, n, pos_scores)  released positions to rebuild [n, r] and their validity
     observe(cache, n, cur_pos, queries, pos_scores)  after the layers: the scores the cut uses
@@ -114,10 +114,12 @@ class Policy:
         """Released tokens' K/V the cache keeps per sequence (its second tier)."""
         return 0
 
-    def prefill_scores(self, cache, row: int, ids: torch.Tensor, pos: torch.Tensor,
-                       queries: torch.Tensor | None = None, keys: list | None = None) -> torch.Tensor | None:
-        """A new prompt in `row`: ids [P], pos [P]; with needs_queries also its last token's queries
-        [L, 1, Hq, D] and every layer's keys [L, Hkv, P, D]. Scores of its positions [1, P]."""
+    def prefill_scores(self, cache, rows: slice, lengths: list[int], queries: torch.Tensor | None = None,
+                       keys: torch.Tensor | None = None) -> torch.Tensor | None:
+        """k new prompts in cache rows `rows` (k consecutive rows), of lengths [k] (P = the longest), their
+        token ids already in cache.tok_at; with needs_queries also their last tokens' queries
+        [L, k, Hq, D] and every layer's keys [L, k, Hkv, >= P, D] (key j of a row is its position j,
+        j < its length). Scores of their positions [k, P] (-inf past a prompt's end), or None."""
         return None
 
     def observe(self, cache, n: int, cur_pos: torch.Tensor, queries: torch.Tensor | None,

@@ -42,7 +42,10 @@ class AdoreConfig:
                                   "(none: unbounded, full attention)")
     top_k: int | None = knob(None, "adore: keys each query row keeps per head after scoring (none or 0: all)",
                              none_aliases=(0,))
-    rebuild: int = knob(32, "adore: released tokens rebuilt per step at most, R")
+    # R = 8 against 32 (bench/results/ppl_spans_{emma,na}_cpu_*.json): Emma (tuned on) 1.062x vs 1.058x
+    # full, Northanger Abbey 1.053x vs 1.053x, with 7 re-admissions a step instead of 19 (each copies a
+    # token's K/V of every layer twice): on an H200 7,239 vs 5,436 tokens/s (gpu_throughput_h200_v5_r8.json)
+    rebuild: int = knob(8, "adore: released tokens rebuilt per step at most, R")
     rebuild_mode: str = knob("promote", "adore: 'every' (the R best released tokens every step, the "
                              "paper) or 'promote' (only released tokens that beat the weakest cached one)",
                              choices=("promote", "every"))

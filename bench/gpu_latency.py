@@ -123,11 +123,20 @@ def mixed(lm, method: str, args) -> dict:
             for p in prompts(args.arrivals, args.arrival_len, vocab, 6)}
     first: dict[str, float] = {}
     steps: list[float] = []
+    # the caching allocator's retries (out of memory: it frees its cache, syncing, and tries again), counted
+    # and its new device allocations (cudaMalloc), counted
+    def allocs() -> tuple[int, int]:
+        st = torch.cuda.memory_stats()
+        return st.get("num_alloc_retries", 0), st.get("num_device_alloc", 0)
+
+    retries = [allocs()] if eng.device.type == "cuda" else []
     after = 0
 
     def step() -> None:
         dt, outs = timed_step(eng)
         steps.append(dt)
+        if eng.device.type == "cuda":
+            retries.append(allocs())
         now = time.perf_counter()
         for o in outs:
             if o.request_id in sent and o.token_id is not None and o.request_id not in first:
@@ -150,7 +159,9 @@ def mixed(lm, method: str, args) -> dict:
             "step_p99_ms": 1e3 * pct(steps, 0.99), "steps": len(steps), "p99_over_p50": pct(steps, 0.99) / med,
             "ttft_p50_s": statistics.median(ttft), "ttft_max_s": max(ttft), "target_ttft_s": 2.0,
             "met": pct(steps, 0.99) <= 2 * med and max(ttft) <= 2.0, "profiled_steps": args.profile,
-            "step_ms": [round(1e3 * t, 2) for t in steps]}
+            "step_ms": [round(1e3 * t, 2) for t in steps],
+            "alloc_retries_by_step": [b[0] - a[0] for a, b in zip(retries, retries[1:])],
+            "device_allocs_by_step": [b[1] - a[1] for a, b in zip(retries, retries[1:])]}
 
 
 def main() -> None:
@@ -192,7 +203,7 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv),
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "torch": torch.__version__, "model": args.model, "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d"),
-           "config": knob_values(args), "runs": runs}
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "config": knob_values(args), "runs": runs}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)
 

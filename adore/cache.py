@@ -136,15 +136,22 @@ class SlotCache:
         ok = rank < take
         return ok, torch.where(ok, dst_of[rows, rank.clamp(max=take - 1)], self.store_size)
 
+    def put(self, src_k: torch.Tensor, src_v: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
+            rows: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write J tokens into cache slots (rows[j], slots[j]) [J]: token j is src_k/src_v[:, src_b[j], :,
+        src_s[j]] (src [L, B', Hkv, S', D]: the second tier on re-admission, a prompt's K/V at its
+        placement) at position positions[j]."""
+        copy_tokens(src_k, src_b, src_s, self.k, rows, slots)
+        copy_tokens(src_v, src_b, src_s, self.v, rows, slots)
+        self.pos[rows, slots] = positions
+
     def restore(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Move stored tokens at positions [J] of rows [J] back into cache slots [J] (free ones),
         exactly the K/V they were stashed with; their store slots become free."""
         if rows.numel() == 0:
             return
         src = (self.store_pos[rows, : self.store_size] == positions[:, None]).int().argmax(1)
-        copy_tokens(self.store_k, rows, src, self.k, rows, slots)
-        copy_tokens(self.store_v, rows, src, self.v, rows, slots)
-        self.pos[rows, slots] = positions
+        self.put(self.store_k, self.store_v, rows, src, rows, slots, positions)
         self.store_pos[rows, src] = -1
 
     def clear(self, b: int | slice) -> None:

@@ -49,7 +49,6 @@ from torch.profiler import record_function
 from .attention import PromptKV, decoder_parts, forward_prompts, forward_slots, head_dim, local_kv_heads
 from .cache import SlotCache
 from .config import MAX_PREFILL_TOKENS, SamplingParams, UserError
-from .kernels import copy_tokens
 from .models import ModelInfo
 from .policies import Policy, SlotView, select_keep
 from .policies.base import nothing_rebuilt
@@ -305,9 +304,12 @@ class Engine:
         work); longer ones are cut one by one (`_place_cut`). If the batched placement fails, each
         request is placed alone, so that only one that fails ends (with "error")."""
         budget = self.policy.budget
-        fits = [budget is None or len(r.prompt) <= budget for r, _ in done]
-        whole = [rh for rh, f in zip(done, fits) if f]
-        placed, hidden = [], []
+
+        def fits(req: _Request) -> bool:
+            return budget is None or len(req.prompt) <= budget
+
+        whole = [(r, h) for r, h in done if fits(r)]
+        placed, hidden, alone = [], [], done
         if len(whole) > 1:
             n0 = len(self.rows)
             try:
@@ -318,11 +320,11 @@ class Engine:
                 self.cache.clear(slice(n0, self.max_batch))
             else:
                 placed, hidden = [r for r, _ in whole], [h for _, h in whole]
-                done, fits = [rh for rh, f in zip(done, fits) if not f], [False] * (len(done) - len(whole))
-        for (req, h), f in zip(done, fits):
+                alone = [(r, h) for r, h in done if not fits(r)]
+        for req, h in alone:
             try:
                 with record_function("adore.prefill.place"):
-                    if f:
+                    if fits(req):
                         self._place_whole([req])
                     else:
                         self._place_cut(req)
@@ -350,10 +352,8 @@ class Engine:
         kvs = [r.kv for r in reqs]
         c.tok_at[at_row, at_pos] = torch.cat([kv.ids for kv in kvs])
         src = torch.arange(at_pos.numel(), device=dev)
-        zero = torch.zeros_like(src)
-        copy_tokens(torch.cat([kv.k for kv in kvs], 2)[:, None], zero, src, c.k, at_row, at_pos)
-        copy_tokens(torch.cat([kv.v for kv in kvs], 2)[:, None], zero, src, c.v, at_row, at_pos)
-        c.pos[at_row, at_pos] = at_pos
+        c.put(torch.cat([kv.k for kv in kvs], 2)[:, None], torch.cat([kv.v for kv in kvs], 2)[:, None],
+              torch.zeros_like(src), src, at_row, at_pos, at_pos)
         if kvs[0].mass is not None:
             c.mass[at_row, at_pos] = torch.cat([kv.mass for kv in kvs])
         queries = torch.cat([kv.q_last for kv in kvs], 1) if kvs[0].q_last is not None else None
@@ -387,12 +387,9 @@ class Engine:
         self.stats["released"] += P - m
         if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
             out = out[: c.store_size]
-            zero = torch.zeros_like(out)
-            c.store_from(src_k, src_v, zero, out, zero + row, out, None)
-        slots = torch.arange(m, device=dev)
-        copy_tokens(src_k, torch.zeros_like(kept), kept, c.k, slots * 0 + row, slots)
-        copy_tokens(src_v, torch.zeros_like(kept), kept, c.v, slots * 0 + row, slots)
-        c.pos[row, :m] = kept
+            c.store_from(src_k, src_v, torch.zeros_like(out), out, torch.full_like(out, row), out, None)
+        c.put(src_k, src_v, torch.zeros_like(kept), kept, torch.full_like(kept, row),
+              torch.arange(m, device=dev), kept)
         if kv.mass is not None:
             c.mass[row, :m] = kv.mass[kept]
         req.kv, req.next_pos = None, P

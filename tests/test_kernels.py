@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adore.kernels.reference import gather_slots, slice_by_matmul
+from adore.kernels.reference import copy_tokens, gather_slots, slice_by_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -341,6 +341,23 @@ def test_gather_slots_equals_slice_by_matmul(dtype, L, B, H, C, D, N):
     # and both are x[l, b, h, index[b, n]]
     for b in range(B):
         assert torch.equal(got[:, b], x[:, b][:, :, index[b]])
+
+
+@pytest.mark.parametrize("sliced", [False, True])  # whole tensors (the flat-row copy), a strided view (indexing)
+def test_copy_tokens_moves_whole_tokens(sliced):
+    """copy_tokens writes token j's K/V of every layer and head from (src_b[j], src_s[j]) to (dst_b[j],
+    dst_s[j]) and touches nothing else, on contiguous tensors and on a slot-sliced view alike."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(3, 4, 2, 9, 8, generator=g)
+    src = src[:, :, :, :7] if sliced else src
+    dst = torch.randn(3, 5, 2, 6, 8, generator=g)
+    want = dst.clone()
+    sb, ss = torch.tensor([0, 3, 3, 1]), torch.tensor([6, 0, 5, 2])
+    db, ds = torch.tensor([4, 0, 1, 0]), torch.tensor([5, 0, 2, 3])
+    for j in range(4):
+        want[:, db[j], :, ds[j]] = src[:, sb[j], :, ss[j]]
+    copy_tokens(src, sb, ss, dst, db, ds)
+    assert torch.equal(dst, want)
 
 
 _COPY_WORKER = """

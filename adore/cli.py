@@ -20,7 +20,15 @@ import time
 from dataclasses import fields
 from importlib.metadata import entry_points
 
-from .config import MAX_PREFILL_TOKENS, AdoreConfig, SamplingParams, UserError, knob_values, parse_field
+from .config import (
+    MAX_PREFILL_TOKENS,
+    MAX_PREFILL_TOKENS_CPU,
+    AdoreConfig,
+    SamplingParams,
+    UserError,
+    knob_values,
+    parse_field,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,9 +70,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-seq-len", type=int, default=None, help="engine context capacity")
-    g.add_argument("--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
+    g.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prompt tokens prefilled per engine step, in one packed forward; longer prompts "
-                   f"are chunked over steps (default {MAX_PREFILL_TOKENS})")
+                   f"are chunked over steps (default by device: {MAX_PREFILL_TOKENS} on a GPU, "
+                   f"{MAX_PREFILL_TOKENS_CPU} on a CPU)")
 
 
 def load_parts(args):

@@ -11,9 +11,22 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's bound
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes [-2^63, 2^64))
 # Prompt tokens one engine step prefills at most, in one packed forward (Engine.max_prefill_tokens, and
-# the same setting of the CLI, EngineSpec and ServeArgs): a longer burst of prompts, or a longer
-# prompt, is chunked over steps while the running rows keep decoding.
+# the same setting of the CLI, EngineSpec and ServeArgs; None: by device, `prefill_tokens_for`): a longer
+# burst of prompts, or a longer prompt, is chunked over steps while the running rows keep decoding.
+# On a GPU 4,096 (an H200's burst of 512 x 32 tokens: every first token within 0.74 s,
+# bench/results/gpu_latency_h200_batched_place.json). A CPU prefills ~1,000 tokens a second (SmolLM2,
+# two cores), so 4,096 would stall every running stream for seconds and hand a burst's first tokens
+# out all at once at the end: with 1,024 a burst of 32 x 94 tokens gets its median first token after
+# 2.2 s instead of 3.3 s (and 512: 2.4 s; bench/results/prefill_chunk_cpu.json).
 MAX_PREFILL_TOKENS = 4096
+MAX_PREFILL_TOKENS_CPU = 1024
+
+
+def prefill_tokens_for(device, max_prefill_tokens: int | None) -> int:
+    """The prompt tokens an engine step prefills on `device`: the setting, or by device when None."""
+    if max_prefill_tokens is not None:
+        return max_prefill_tokens
+    return MAX_PREFILL_TOKENS if str(device).startswith("cuda") else MAX_PREFILL_TOKENS_CPU
 
 
 class UserError(ValueError):

@@ -94,6 +94,7 @@ def burst(lm, method: str, args) -> dict:
                 first[o.request_id] = now - t0
     ttft = list(first.values())
     return {"scenario": "burst", "method": method, "requests": args.burst, "prompt_len": args.burst_len,
+            "max_prefill_tokens": eng.max_prefill_tokens,
             "steps_to_all_first_tokens": steps, "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 0.99),
             "ttft_max_s": max(ttft), "target_max_s": 1.0, "met": max(ttft) <= 1.0}
 
@@ -110,7 +111,7 @@ def mixed(lm, method: str, args) -> dict:
         eng.step()
     for p in prompts(min(4, args.arrivals), args.arrival_len, vocab, 4):
         eng.add_request(p, long)
-    for _ in range(4 + args.arrival_len * 4 // args.max_prefill_tokens):
+    for _ in range(4 + args.arrival_len * 4 // eng.max_prefill_tokens):
         eng.step()
     drain(eng)
     for p in prompts(args.decoders, 32, vocab, 5):
@@ -154,7 +155,7 @@ def mixed(lm, method: str, args) -> dict:
     ttft = list(first.values())
     med = statistics.median(steps)
     return {"scenario": "mixed", "method": method, "decoders": args.decoders, "arrivals": args.arrivals,
-            "arrival_len": args.arrival_len, "max_prefill_tokens": args.max_prefill_tokens,
+            "arrival_len": args.arrival_len, "max_prefill_tokens": eng.max_prefill_tokens,
             "decode_alone_step_ms": 1e3 * statistics.median(base), "step_p50_ms": 1e3 * med,
             "step_p99_ms": 1e3 * pct(steps, 0.99), "steps": len(steps), "p99_over_p50": pct(steps, 0.99) / med,
             "ttft_p50_s": statistics.median(ttft), "ttft_max_s": max(ttft), "target_ttft_s": 2.0,
@@ -176,7 +177,7 @@ def main() -> None:
     ap.add_argument("--arrival-len", type=int, default=2000)
     ap.add_argument("--gen", type=int, default=256, help="tokens the decoding rows may generate")
     ap.add_argument("--after", type=int, default=16, help="steps recorded after the last first token")
-    ap.add_argument("--max-prefill-tokens", type=int, default=4096)
+    ap.add_argument("--max-prefill-tokens", type=int, default=None, help="default: by device (4096 cuda, 1024 cpu)")
     add_knob_args(ap.add_argument_group("method"))
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile the mixed scenario's first K steps")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (random:tiny)")
@@ -186,7 +187,8 @@ def main() -> None:
         sys.exit("gpu_latency.py needs a CUDA GPU (bench/serve_bench.py measures the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
     args.model = args.model or ("random:llama2-7b" if args.device == "cuda" else "random:tiny")
-    lm = load_model(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    lm = load_model(args.model, dtype=dtype, device=args.device)
     runs = []
     for method in args.methods.split(","):
         for scenario in args.scenarios.split(","):
@@ -202,7 +204,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     out = {"command": "python " + " ".join(sys.argv),
            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "torch": torch.__version__, "model": args.model, "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d"),
+           "torch": torch.__version__, "model": args.model, "dtype": dtype, "date": time.strftime("%Y-%m-%d"),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "config": knob_values(args), "runs": runs}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     json.dump(out, open(args.out, "w"), indent=1)

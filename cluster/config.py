@@ -14,7 +14,8 @@ typo fails the deployment with a clear message instead of inside a replica.
                           router queue per caller holds max_queue + max_ongoing_requests (then 503 too)
     max_seq_len           prompt + generation tokens per sequence
     max_prefill_tokens    prompt tokens prefilled per engine step, in one packed forward (longer prompts
-                          are chunked over steps while the running sequences keep decoding)
+                          are chunked over steps while the running sequences keep decoding); None: by
+                          device, 4096 on a GPU, 1024 on a CPU (adore/config.py says why)
     cache_size, top_k, rebuild, ... every AdoreConfig field: the method's knobs (see adore/config.py)
     controller            controller checkpoint (.safetensors); default: the one shipped for the model
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
@@ -38,7 +39,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from adore.config import MAX_PREFILL_TOKENS, AdoreConfig, UserError, knob_values, parse_field
+from adore.config import AdoreConfig, UserError, knob_values, parse_field
 from workers.spec import EngineSpec
 
 API_TOKEN_ENV = "ADORE_API_TOKEN"
@@ -58,7 +59,7 @@ class ServeArgs(AdoreConfig):
     max_batch: int = 16
     max_queue: int = 64
     max_seq_len: int = 4096
-    max_prefill_tokens: int = MAX_PREFILL_TOKENS
+    max_prefill_tokens: int | None = None
     controller: str | None = None
     adapter: str | None = None
     dtype: str = "auto"

@@ -31,6 +31,22 @@ def test_batch_with_joins_equals_alone(tiny_gqa, name, mode):
     assert max(batch_sizes) == 3  # they really shared steps
 
 
+@pytest.mark.parametrize("name", ["full", "h2o", "adore"])
+def test_warm_up_leaves_no_trace(tiny_gqa, name):
+    """A warmed-up engine (what servers run at start) holds no request, counts nothing, and decodes
+    exactly as a fresh one; its device-chosen prefill chunk is the CPU's."""
+    model, tok, _ = tiny_gqa
+    cfg = AdoreConfig(cache_size=16, rebuild=4)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 12, 45)]
+    want = [o.token_ids for o in Engine(model, tok, make_policy(name, cfg), max_batch=2,
+                                        max_seq_len=128).generate(PROMPTS[:3], params)]
+    eng = Engine(model, tok, make_policy(name, cfg), max_batch=2, max_seq_len=128)
+    assert eng.max_prefill_tokens == 1024  # None: by device (adore.config.prefill_tokens_for)
+    eng.warm_up()
+    assert not eng.has_work() and not eng.requests and set(eng.stats.values()) == {0}
+    assert [o.token_ids for o in eng.generate(PROMPTS[:3], params)] == want
+
+
 def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny):
     model, tok, _ = tiny
     eng = Engine(model, tok, make_policy("adore"), max_batch=4, max_seq_len=128)

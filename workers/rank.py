@@ -78,8 +78,11 @@ class RankWorker:
         self.tok = tok
         self.engine = Engine(model, tok, policy, info=info, max_batch=spec.max_batch,
                              max_seq_len=spec.max_seq_len, max_prefill_tokens=spec.max_prefill_tokens)
+        t1 = time.perf_counter()
+        self.engine.warm_up()  # the first users do not pay for cold memory and first-use kernels
         return {"rank": self.rank, "world": self.world, "pid": os.getpid(), "device": str(self.engine.device),
-                "kv_heads_local": self.engine.cache.k.shape[2], "load_s": round(time.perf_counter() - t0, 2),
+                "kv_heads_local": self.engine.cache.k.shape[2], "load_s": round(t1 - t0, 2),
+                "warmup_s": round(time.perf_counter() - t1, 2),
                 "vocab_size": self.engine.vocab_size}
 
     def tokenizer(self):

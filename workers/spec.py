@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from adore.config import MAX_PREFILL_TOKENS, AdoreConfig, UserError
+from adore.config import AdoreConfig, UserError
 
 
 @dataclass
@@ -25,13 +25,14 @@ class EngineSpec(AdoreConfig):
     device: str = "cpu"  # "cpu" or "cuda" (each GPU rank sees exactly one device: cuda:0)
     max_batch: int = 8  # engine rows: sequences decoded together
     max_seq_len: int = 2048  # prompt + generation per sequence
-    max_prefill_tokens: int = MAX_PREFILL_TOKENS  # prompt tokens per engine step (longer: chunked)
+    max_prefill_tokens: int | None = None  # prompt tokens per engine step (longer: chunked); None: by device
     threads: int | None = None  # torch intra-op threads per rank (None: leave torch's choice)
     seed: int = 0  # weights seed of random:<shape> models (all ranks must agree)
     dist_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_seq_len < 2 or self.max_prefill_tokens < 1:
+        prefill_ok = self.max_prefill_tokens is None or self.max_prefill_tokens >= 1  # None: by device
+        if self.max_batch < 1 or self.max_seq_len < 2 or not prefill_ok:
             raise UserError("max_batch >= 1, max_seq_len >= 2 and max_prefill_tokens >= 1 are required")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"device must be cpu or cuda, got {self.device!r}")

@@ -152,9 +152,10 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     # the keys are read in their own dtype (a float copy of every stored key would cost more than the
     # product); only the logits [n, Hkv, G, N] are taken to float32 for the softmax
     q = queries.reshape(L, n, -1, G, D).to(keys[0].dtype)  # [L, n, Hkv, G, D]
-    total = 0
-    for i in layers:  # one layer's logits at a time: [n, Hkv, G, sum N_g]
-        logits = torch.cat([torch.matmul(q[i], k[i].transpose(-1, -2)).float()
-                            .masked_fill(~m[:, None, None], float("-inf")) for k, m in zip(keys, ok)], -1)
-        total = total + torch.softmax(logits * scale, -1).nan_to_num_(0.0).sum((1, 2)).double()
-    return total
+    # a product per layer and group (k[i] is a view: the keys are never copied), then the softmax and
+    # the sum over all layers at once (a few ops over [layers, n, Hkv, G, N], not a dozen per layer)
+    logits = torch.stack([torch.cat([torch.matmul(q[i], k[i].transpose(-1, -2)) for k in keys], -1)
+                          for i in layers]).float()  # [layers, n, Hkv, G, sum N_g]
+    hidden = ~torch.cat(ok, -1)[:, None, None]  # [n, 1, 1, sum N_g]
+    p = torch.softmax(logits.mul_(scale).masked_fill_(hidden, float("-inf")), -1).nan_to_num_(0.0)
+    return p.sum((0, 2, 3)).double()

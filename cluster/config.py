@@ -19,7 +19,8 @@ typo fails the deployment with a clear message instead of inside a replica.
     cache_size, top_k, rebuild, ... every AdoreConfig field: the method's knobs (see adore/config.py)
     controller            controller checkpoint (.safetensors); default: the one shipped for the model
     adapter               LoRA adapter directory (`adore finetune`), merged into the weights
-    dtype, device         "auto": bfloat16 on cuda, float32 on cpu; device auto: cuda if the Ray
+    dtype, device         "auto": bfloat16 on cuda and on CPUs with AMX, else float32 (adore.models.
+                          auto_dtype; resolved where the app is built); device auto: cuda if the Ray
                           cluster has GPUs (or ADORE_DEVICE=cuda|cpu)
     cpus_per_rank         Ray CPUs reserved per rank; None: what fits (every rank of every policy's
                           replicas on the cluster's CPUs, at most 1 each; see fit_to_cluster)
@@ -155,7 +156,9 @@ class ServeArgs(AdoreConfig):
         device = self.resolved_device()
         dtype = self.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            from adore.models import auto_dtype
+
+            dtype = auto_dtype(device)
         return EngineSpec(model=self.model, policy=policy, **knob_values(self), controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,

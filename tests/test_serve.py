@@ -30,7 +30,8 @@ pytestmark = pytest.mark.ray
 TOKEN = "test-token-123"
 ARGS = {"model": "random:tiny", "policies": "adore,full", "tp": 1, "num_replicas": 1, "max_batch": 16,
         "max_queue": 4, "max_ongoing_requests": 40, "max_seq_len": 4096, "cache_size": 16, "top_k": 8,
-        "rebuild": 2, "rebuild_mode": "every", "threads": 1, "device": "cpu"}
+        "rebuild": 2, "rebuild_mode": "every", "threads": 1, "device": "cpu",
+        "dtype": "float32"}  # the reference below runs float32 (auto would be bfloat16 on a CPU with AMX)
 ADORE, FULL = "random:tiny:adore", "random:tiny:full"
 CTX = ARGS["max_seq_len"]  # tokens; the byte tokenizer makes one per character
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

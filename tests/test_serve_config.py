@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("ray")
 
 from adore.config import UserError  # noqa: E402
+from adore.models import auto_dtype  # noqa: E402
 from cluster.app import build_app, model_deployment_options  # noqa: E402
 from cluster.config import ServeArgs  # noqa: E402
 
@@ -43,7 +45,11 @@ def test_cpu_defaults_and_fixed_replicas(monkeypatch):
     opts = model_deployment_options(cfg, "adore")
     assert opts["num_replicas"] == 3 and "autoscaling_config" not in opts
     assert opts["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert cfg.top_k is None and cfg.engine_spec("adore").dtype == "float32"
+    assert cfg.top_k is None and cfg.engine_spec("adore").dtype == auto_dtype("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert auto_dtype("cpu") == "float32" and auto_dtype("cuda") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert auto_dtype("cpu") == "bfloat16"
 
 
 def test_method_knobs_reach_the_engine_config():

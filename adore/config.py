@@ -16,8 +16,10 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed (torch takes [-
 # On a GPU 4,096 (an H200's burst of 512 x 32 tokens: every first token within 0.74 s,
 # bench/results/gpu_latency_h200_batched_place.json). A CPU prefills ~1,000 tokens a second (SmolLM2,
 # two cores), so 4,096 would stall every running stream for seconds and hand a burst's first tokens
-# out all at once at the end: with 1,024 a burst of 32 x 94 tokens gets its median first token after
-# 2.2 s instead of 3.3 s (and 512: 2.4 s; bench/results/prefill_chunk_cpu.json).
+# out all at once at the end. A burst of 32 x 94 tokens (float32, `python bench/gpu_latency.py --device cpu
+# --model smollm2-135m --methods full,adore --scenarios burst --burst 32 --burst-len 94 --gen 16
+# --max-prefill-tokens N`, bench/results/gpu_latency_cpu_burst_prefillN.json): median / last first token
+# at 4,096: 3.9 / 3.9 s (full), 3.2 / 3.2 s (adore); 1,024: 2.0 / 3.0, 2.2 / 3.3; 512: 2.0 / 3.4, 2.2 / 3.8.
 MAX_PREFILL_TOKENS = 4096
 MAX_PREFILL_TOKENS_CPU = 1024
 
@@ -82,6 +84,9 @@ class AdoreConfig:
     score_layers: int | None = knob(None, "adore scorers 'attention', 'learned': how many layers' queries score the "
                                     "tokens, evenly spaced from the first layer to the last (none or 0: all)",
                                     none_aliases=(0,))
+    prefill_window: int = knob(1, "adore scorers 'attention', 'learned': a prompt longer than the budget is cut "
+                               "by the attention its last N positions give it (each over the positions at or "
+                               "before it, averaged; SnapKV's observation window); 1: the last position only")
     rebuild_source: str = knob("stored", "adore: where a rebuilt token's K/V comes from: 'stored' (the K/V "
                                "kept when it was released, exact) or 'recompute' (run it through the layers "
                                "again, the paper)", choices=("stored", "recompute"))
@@ -116,6 +121,8 @@ class AdoreConfig:
             raise UserError(f"score_decay must be in [0, 1), got {self.score_decay}")
         if self.score_layers is not None and self.score_layers < 1:
             raise UserError(f"score_layers must be >= 1 (or none), got {self.score_layers}")
+        if self.prefill_window < 1:
+            raise UserError(f"prefill_window must be >= 1, got {self.prefill_window}")
         if self.rebuild_source not in ("stored", "recompute"):
             raise UserError(f"rebuild_source must be 'stored' or 'recompute', got {self.rebuild_source!r}")
         if self.store_size < 0:

@@ -278,8 +278,10 @@ class Engine:
             if req.kv is None:
                 try:
                     ids = torch.tensor(req.prompt, device=self.device)
-                    req.kv = PromptKV.new(ids, want_mass=self.policy.needs_mass,
-                                          want_queries=self.policy.needs_queries)
+                    pol = self.policy  # a prompt that will be cut may be scored by its last positions
+                    cut = pol.budget is not None and len(req.prompt) > pol.budget
+                    req.kv = PromptKV.new(ids, want_mass=pol.needs_mass,
+                                          want_queries=(pol.prefill_window if cut else 1) if pol.needs_queries else 0)
                 except Exception as e:  # noqa: BLE001 - e.g. no device memory left for its ids
                     self._fail([req], e, outs)
                     continue
@@ -357,7 +359,7 @@ class Engine:
               torch.zeros_like(src), src, at_row, at_pos, at_pos)
         if kvs[0].mass is not None:
             c.mass[at_row, at_pos] = torch.cat([kv.mass for kv in kvs])
-        queries = torch.cat([kv.q_last for kv in kvs], 1) if kvs[0].q_last is not None else None
+        queries = torch.cat([kv.q_last for kv in kvs], 1)[:, :, None] if kvs[0].q_last is not None else None
         pol.prefill_scores(c, rows, lengths, queries, c.k[:, rows, :, :P])
         for r in reqs:
             r.kv, r.next_pos = None, len(r.prompt)
@@ -373,7 +375,8 @@ class Engine:
         c.clear(row)
         c.tok_at[row, :P] = kv.ids
         src_k, src_v = kv.k[:, None], kv.v[:, None]  # [L, 1, Hkv, P, D]
-        pos_scores = pol.prefill_scores(c, slice(row, row + 1), [P], kv.q_last, src_k)  # [1, P] or None
+        q = kv.q_last[:, None] if kv.q_last is not None else None  # [L, 1, W, Hq, D]
+        pos_scores = pol.prefill_scores(c, slice(row, row + 1), [P], q, src_k)  # [1, P] or None
         pos = torch.arange(P, device=dev)
         mass = kv.mass[None] if kv.mass is not None else torch.zeros(1, P, device=dev)
         keep = select_keep(pol, SlotView(pos[None], pos[-1:], mass, pos_scores),
@@ -590,8 +593,9 @@ class Engine:
         prefill chunk (max_prefill_tokens over every row) and two decode steps, then forget them.
 
         The first step of each shape pays for memory the process has not touched yet (on a CPU the
-        allocator's fresh pages: a burst of 32 prompts took 3.5 s to its median first token in a new
-        process against 2.1 s in a warm one) and, on a GPU, for kernels compiled on first use. Servers
+        allocator's fresh pages: a new process's first burst of 32 prompts reached its median first
+        token over a second later than the next burst did) and, on a GPU, for kernels compiled on
+        first use. Servers
         call this at start, so their first users do not pay. Every rank of a tensor-parallel group runs
         it alike (the same steps, in lock-step)."""
         per_row = max(1, min(self.max_prefill_tokens // self.max_batch, self.max_seq_len - 2))

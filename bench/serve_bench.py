@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adore.cli import add_knob_args  # noqa: E402
-from adore.config import knob_values  # noqa: E402
+from adore.config import knob_values, prefill_tokens_for  # noqa: E402
 from adore.loadgen import free_port, run_clients  # noqa: E402
 
 PROMPT_FILE = REPO / "data" / "austen" / "prideprejudice.txt"
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    spec = cfg.engine_spec(policies[0])
     out = {
         "command": "python bench/serve_bench.py " + " ".join(
             shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)),
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor()},
         "serve_args": args, "startup_s": round(startup, 1),
+        # what the replicas ran with after ServeArgs resolved the defaults ("auto" dtype, chunk by device)
+        "engine": {"dtype": spec.dtype, "device": spec.device,
+                   "max_prefill_tokens": prefill_tokens_for(spec.device, spec.max_prefill_tokens)},
         "note": "streaming /v1/completions, greedy, ignore_eos; throughput = generated tokens / wall time",
         "results": results,
     }

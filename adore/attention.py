@@ -196,9 +196,8 @@ class PromptKV:
           one chunked over several gets room for all P positions at its first chunk)
     mass  [P] float32 the attention each position has received so far, summed over layers, heads
           and the query rows run so far; None: not collected
-    q_last  [L, W, Hq, D] each layer's queries of the last W = min(want_queries, P) positions, filled
-          in as they run (for a policy that scores the prompt by the attention its last positions give
-          it); None: want_queries 0
+    q_last  [L, 1, Hq, D] each layer's query of the last position, once it has run and if
+          want_queries (for a policy that scores the prompt by its last token's attention)
     done  positions run so far
     """
 
@@ -208,10 +207,10 @@ class PromptKV:
     mass: torch.Tensor | None = None
     q_last: torch.Tensor | None = None
     done: int = 0
-    want_queries: int = 0
+    want_queries: bool = False
 
     @classmethod
-    def new(cls, ids: torch.Tensor, want_mass: bool = False, want_queries: int = 0) -> PromptKV:
+    def new(cls, ids: torch.Tensor, want_mass: bool = False, want_queries: bool = False) -> PromptKV:
         """ids [P] (on the model's device), nothing run yet."""
         mass = torch.zeros(ids.shape[0], device=ids.device) if want_mass else None
         return cls(ids, mass=mass, want_queries=want_queries)
@@ -394,17 +393,11 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
     packed_mass = torch.zeros(offs[-1], device=dev) if want_mass and padded else None
     scale = attention_scale(model)
 
-    # this forward's K/V of every layer, all rows packed [L, Hkv, T, D], and the queries [L, F, Hq, D] of
-    # the rows that are among their prompt's last want_queries positions (in whichever chunk they run):
-    # one write a layer, then one copy a chunk (not 3 x L small copies a chunk)
+    # this forward's K/V of every layer, all rows packed [L, Hkv, T, D], and each finishing prompt's
+    # last query [L, F, Hq, D]: one write a layer, then one copy a chunk (not 3 x L small copies a chunk)
     L = model.config.num_hidden_layers
-    kept = []  # (chunk, its first such row in this forward, that row's index in the prompt's window, rows)
-    for j, (kv, n) in enumerate(chunks):
-        first = len(kv.ids) - min(kv.want_queries, len(kv.ids))  # the window's first position
-        lo = max(kv.done, first)
-        if kv.want_queries and kv.done + n > lo:
-            kept.append((j, offs[j] + lo - kv.done, lo - first, kv.done + n - lo))
-    last_rows = torch.tensor([r + i for _, r, _, c in kept for i in range(c)], dtype=torch.long, device=dev)
+    last = [j for j, (kv, n) in enumerate(chunks) if kv.want_queries and kv.done + n == len(kv.ids)]
+    last_rows = torch.tensor([offs[j] + chunks[j][1] - 1 for j in last], device=dev)
     new_k = new_v = q_last = None
     w, kv_heads = next(model.parameters()), local_kv_heads(model)
     for kv, n in chunks:  # room for a prompt that comes in chunks, before anything changes (may fail)
@@ -421,9 +414,9 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
         nonlocal new_k, new_v, q_last
         if new_k is None:
             new_k, new_v = k.new_empty(L, *k.shape[1:]), v.new_empty(L, *v.shape[1:])
-            q_last = q.new_empty(L, len(last_rows), q.shape[1], q.shape[3])
+            q_last = q.new_empty(L, len(last), q.shape[1], q.shape[3])
         new_k[i], new_v[i] = k[0], v[0]
-        if kept:
+        if last:
             q_last[i] = q[0, :, last_rows].transpose(0, 1)
         out = torch.empty_like(q)
         gqa = q.shape[1] != k.shape[1]
@@ -473,11 +466,8 @@ def forward_prompts(model, chunks: list[tuple[PromptKV, int]], top_k: int | None
         elif kv.mass is not None:  # a padded chunk
             kv.mass[:n] += packed_mass[r : r + n]
         kv.done += n
-    for f, (j, _, at, c) in zip(itertools.accumulate((c for *_, c in kept), initial=0), kept):
-        kv = chunks[j][0]
-        if kv.q_last is None:
-            kv.q_last = q_last.new_empty(L, min(kv.want_queries, len(kv.ids)), *q_last.shape[2:])
-        kv.q_last[:, at : at + c] = q_last[:, f : f + c]
+    for f, j in enumerate(last):
+        chunks[j][0].q_last = q_last[:, f : f + 1]
     return x
 
 

@@ -84,9 +84,6 @@ class AdoreConfig:
     score_layers: int | None = knob(None, "adore scorers 'attention', 'learned': how many layers' queries score the "
                                     "tokens, evenly spaced from the first layer to the last (none or 0: all)",
                                     none_aliases=(0,))
-    prefill_window: int = knob(1, "adore scorers 'attention', 'learned': a prompt longer than the budget is cut "
-                               "by the attention its last N positions give it (each over the positions at or "
-                               "before it, averaged; SnapKV's observation window); 1: the last position only")
     rebuild_source: str = knob("stored", "adore: where a rebuilt token's K/V comes from: 'stored' (the K/V "
                                "kept when it was released, exact) or 'recompute' (run it through the layers "
                                "again, the paper)", choices=("stored", "recompute"))
@@ -121,8 +118,6 @@ class AdoreConfig:
             raise UserError(f"score_decay must be in [0, 1), got {self.score_decay}")
         if self.score_layers is not None and self.score_layers < 1:
             raise UserError(f"score_layers must be >= 1 (or none), got {self.score_layers}")
-        if self.prefill_window < 1:
-            raise UserError(f"prefill_window must be >= 1, got {self.prefill_window}")
         if self.rebuild_source not in ("stored", "recompute"):
             raise UserError(f"rebuild_source must be 'stored' or 'recompute', got {self.rebuild_source!r}")
         if self.store_size < 0:

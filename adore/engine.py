@@ -278,10 +278,8 @@ class Engine:
             if req.kv is None:
                 try:
                     ids = torch.tensor(req.prompt, device=self.device)
-                    pol = self.policy  # a prompt that will be cut may be scored by its last positions
-                    cut = pol.budget is not None and len(req.prompt) > pol.budget
-                    req.kv = PromptKV.new(ids, want_mass=pol.needs_mass,
-                                          want_queries=(pol.prefill_window if cut else 1) if pol.needs_queries else 0)
+                    req.kv = PromptKV.new(ids, want_mass=self.policy.needs_mass,
+                                          want_queries=self.policy.needs_queries)
                 except Exception as e:  # noqa: BLE001 - e.g. no device memory left for its ids
                     self._fail([req], e, outs)
                     continue
@@ -359,7 +357,7 @@ class Engine:
               torch.zeros_like(src), src, at_row, at_pos, at_pos)
         if kvs[0].mass is not None:
             c.mass[at_row, at_pos] = torch.cat([kv.mass for kv in kvs])
-        queries = torch.cat([kv.q_last for kv in kvs], 1)[:, :, None] if kvs[0].q_last is not None else None
+        queries = torch.cat([kv.q_last for kv in kvs], 1) if kvs[0].q_last is not None else None
         pol.prefill_scores(c, rows, lengths, queries, c.k[:, rows, :, :P])
         for r in reqs:
             r.kv, r.next_pos = None, len(r.prompt)
@@ -375,8 +373,7 @@ class Engine:
         c.clear(row)
         c.tok_at[row, :P] = kv.ids
         src_k, src_v = kv.k[:, None], kv.v[:, None]  # [L, 1, Hkv, P, D]
-        q = kv.q_last[:, None] if kv.q_last is not None else None  # [L, 1, W, Hq, D]
-        pos_scores = pol.prefill_scores(c, slice(row, row + 1), [P], q, src_k)  # [1, P] or None
+        pos_scores = pol.prefill_scores(c, slice(row, row + 1), [P], kv.q_last, src_k)  # [1, P] or None
         pos = torch.arange(P, device=dev)
         mass = kv.mass[None] if kv.mass is not None else torch.zeros(1, P, device=dev)
         keep = select_keep(pol, SlotView(pos[None], pos[-1:], mass, pos_scores),

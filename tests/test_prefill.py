@@ -27,9 +27,9 @@ def model_tok(request):
     return request.getfixturevalue(request.param)
 
 
-def run(model, tok, name, prompts, params=PARAMS, prefill_top_k=None, cfg=None, **engine_kw):
+def run(model, tok, name, prompts, params=PARAMS, prefill_top_k=None, **engine_kw):
     """Generate; returns the results and the number of packed prefill forwards of each step."""
-    eng = Engine(model, tok, make_policy(name, AdoreConfig(**(cfg or CFG))), max_seq_len=128, **engine_kw)
+    eng = Engine(model, tok, make_policy(name, AdoreConfig(**CFG)), max_seq_len=128, **engine_kw)
     if prefill_top_k is not None:  # as for a model fine-tuned under top-K (tests/test_train.py: how it is found)
         eng.prefill_top_k = prefill_top_k
     per_step, real = [0], adore.engine.forward_prompts
@@ -84,35 +84,6 @@ def test_forward_prompts_packed_and_chunked_equal_one_prompt_each(tiny_gqa):
                 assert (kv.mass is None) == (mass is None)
                 if mass is not None:
                     assert torch.allclose(kv.mass, mass[0], atol=1e-4)
-
-
-def test_a_prompts_last_queries_are_kept_across_chunks(tiny_gqa):
-    """want_queries=W keeps each layer's queries of the prompt's last W positions, the same whether the
-    prompt runs whole or in chunks that split the window."""
-    model, _, _ = tiny_gqa
-    p = _ids(23, seed=1)
-    whole = PromptKV.new(p, want_queries=6)
-    forward_prompts(model, [(whole, 23)])
-    assert whole.q_last.shape[1] == 6
-    chunked = PromptKV.new(p, want_queries=6)
-    for n in (19, 2, 2):  # the window's first four rows in the first two chunks
-        forward_prompts(model, [(chunked, n)])
-    assert torch.allclose(chunked.q_last, whole.q_last, atol=1e-5)
-    short = PromptKV.new(p[:4], want_queries=6)  # a prompt shorter than the window: all of it
-    forward_prompts(model, [(short, 4)])
-    assert short.q_last.shape[1] == 4
-
-
-def test_prefill_window_scores_a_cut_prompt_alike_packed_chunked_and_alone(tiny_gqa):
-    """adore with prefill_window > 1 (the cut read from the last W positions' attention): packed ==
-    chunked == alone, and the window changes what the cut keeps for some prompt."""
-    model, tok, _ = tiny_gqa
-    cfg = {**CFG, "prefill_window": 6}
-    want = alone(model, tok, "adore", PROMPTS, cfg=cfg)
-    assert_same(run(model, tok, "adore", PROMPTS, max_batch=6, cfg=cfg)[0], want)
-    assert_same(run(model, tok, "adore", PROMPTS, max_batch=3, max_prefill_tokens=5, cfg=cfg)[0], want)
-    one = alone(model, tok, "adore", PROMPTS, cfg={**CFG, "prefill_window": 1})
-    assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(one, want))
 
 
 def test_query_blocks_stay_within_the_bound():

@@ -52,8 +52,7 @@ class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
     knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks",
-             "scorer", "scorer_path", "score_decay", "score_layers", "prefill_window", "rebuild_source",
-             "store_size")
+             "scorer", "scorer_path", "score_decay", "score_layers", "rebuild_source", "store_size")
     controller: Controller | None = field(default=None, repr=False)
     embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
     learned: LearnedScorer | None = field(default=None, repr=False)  # scorer 'learned' (bind loads it)
@@ -79,10 +78,6 @@ class AdorePolicy(Policy):
     @property
     def needs_queries(self) -> bool:
         return self.by_attention
-
-    @property
-    def prefill_window(self) -> int:
-        return self.cfg.prefill_window
 
     @property
     def rebuild_source(self) -> str:
@@ -181,13 +176,10 @@ class AdorePolicy(Policy):
         dev = cache.pos.device
         P = max(lengths)
         last = torch.tensor(lengths, device=dev) - 1  # [k] each prompt's last position
-        if self.by_attention:  # the attention each prompt's last W positions give it, averaged
-            W, got = queries.shape[2], 0
-            for j in range(W):  # query j is at position last - (W - 1 - j): it sees the keys at or before it
-                ok = torch.arange(P, device=dev)[None, :] <= (last - (W - 1 - j))[:, None]  # [k, P]
-                got = got + received_attention(queries[:, :, j], [keys[:, :, :, :P]], [ok], self.scale,
-                                               self.scoring_layers)[0]
-            cache.feat_at[rows, :P] = (got / W)[..., None]  # every average starts from it
+        if self.by_attention:  # each prompt's last token's attention over its prompt
+            ok = torch.arange(P, device=dev)[None, :] <= last[:, None]  # [k, P]
+            got = received_attention(queries, [keys[:, :, :, :P]], [ok], self.scale, self.scoring_layers)[0]
+            cache.feat_at[rows, :P] = got[..., None]  # every average starts from it
             return self.received_scores(cache.feat_at[rows], last, P)
         query, feats = None, None
         if self.controller is not None:  # the GRU over each prompt (padded: a row's state at its end)

@@ -106,11 +106,6 @@ class Policy:
         return False
 
     @property
-    def prefill_window(self) -> int:
-        """How many of a long prompt's last positions' queries `prefill_scores` reads (needs_queries)."""
-        return 1
-
-    @property
     def rebuild_source(self) -> str:
         return "recompute"
 
@@ -122,11 +117,9 @@ class Policy:
     def prefill_scores(self, cache, rows: slice, lengths: list[int], queries: torch.Tensor | None = None,
                        keys: torch.Tensor | None = None) -> torch.Tensor | None:
         """k new prompts in cache rows `rows` (k consecutive rows), of lengths [k] (P = the longest), their
-        token ids already in cache.tok_at; with needs_queries also the queries of their last W
-        positions [L, k, W, Hq, D] (the last one at each prompt's end; W = prefill_window for a prompt
-        longer than the budget, which comes alone, else 1) and every layer's keys [L, k, Hkv, >= P, D]
-        (key j of a row is its position j, j < its length). Scores of their positions [k, P] (-inf
-        past a prompt's end), or None."""
+        token ids already in cache.tok_at; with needs_queries also their last tokens' queries
+        [L, k, Hq, D] and every layer's keys [L, k, Hkv, >= P, D] (key j of a row is its position j,
+        j < its length). Scores of their positions [k, P] (-inf past a prompt's end), or None."""
         return None
 
     def observe(self, cache, n: int, cur_pos: torch.Tensor, queries: torch.Tensor | None,

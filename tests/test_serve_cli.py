@@ -56,7 +56,7 @@ def test_adore_serve_tp2_two_replicas_match_engine_and_stop_cleanly():
     env = {k: v for k, v in os.environ.items() if k != API_TOKEN_ENV}
     cmd = [sys.executable, "-m", "adore.cli", "serve", *MODEL_ARGS, "--tp", "2", "--replicas", "2",
            "--port", str(port), "--max-batch", "4", "--threads", "1", "--num-cpus", "6",
-           "--ray-temp-dir", tmp]
+           "--ray-temp-dir", tmp, "--dtype", "float32"]  # as the reference engine below (auto: bfloat16 on AMX)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

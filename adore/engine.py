@@ -592,9 +592,8 @@ class Engine:
         The first step of each shape pays for memory the process has not touched yet (on a CPU the
         allocator's fresh pages: a new process's first burst of 32 prompts reached its median first
         token over a second later than the next burst did) and, on a GPU, for kernels compiled on
-        first use. Servers
-        call this at start, so their first users do not pay. Every rank of a tensor-parallel group runs
-        it alike (the same steps, in lock-step)."""
+        first use. Servers call this at start, so that their first users do not pay. Every rank of a
+        tensor-parallel group runs it alike (the same steps, in lock-step)."""
         per_row = max(1, min(self.max_prefill_tokens // self.max_batch, self.max_seq_len - 2))
         rids = [self.add_request([(7 * i + 3 * j) % self.vocab_size for j in range(per_row)],
                                  SamplingParams(max_tokens=2, ignore_eos=True)) for i in range(self.max_batch)]

@@ -388,6 +388,30 @@ def test_copy_tokens_triton_equals_reference():
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
 
 
+def test_received_attention_max_is_the_largest_head_weight():
+    """reduce="max": per key, its largest softmax weight over the scoring layers and query heads, the
+    softmax taken over all key groups together, as the sum's is (brute force, one query per head)."""
+    from adore.kernels.reference import received_attention
+
+    g = torch.Generator().manual_seed(0)
+    L, n, Hq, Hkv, D = 3, 2, 4, 2, 8
+    q = torch.randn(L, n, Hq, D, generator=g)
+    keys = [torch.randn(L, n, Hkv, 5, D, generator=g), torch.randn(L, n, Hkv, 3, D, generator=g)]
+    oks = [torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool), torch.ones(n, 3, dtype=torch.bool)]
+    got = received_attention(q, keys, oks, 0.5, [0, 2], "max")
+    want = torch.zeros(n, 8, dtype=torch.float64)
+    ok = torch.cat(oks, 1)
+    for b in range(n):
+        for layer in (0, 2):
+            for h in range(Hq):
+                k = torch.cat([t[layer, b, h // (Hq // Hkv)] for t in keys])  # [8, D]
+                w = torch.softmax((k @ q[layer, b, h] * 0.5).masked_fill(~ok[b], float("-inf")), 0)
+                want[b] = torch.maximum(want[b], w.double())
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(received_attention(q, keys, oks, 0.5, [0, 2]).sum(1), torch.tensor(2.0 * Hq,
+                          dtype=torch.float64))  # the sum's rows still total layers x heads
+
+
 _RECEIVED_WORKER = """
 import torch
 from adore.kernels.triton_received_attention import received_attention_triton
@@ -416,6 +440,9 @@ for dtype in (torch.float32, torch.float16):
             assert (got[~mask] == 0).all()
             sums = got.sum(1)  # every row with a key sums to layers x heads
             assert torch.allclose(sums[mask.any(1)], torch.tensor(float(len(layers) * Hq)), rtol=1e-5)
+        peak = received_attention_triton(q, keys, oks, 0.3, layers, "max")  # the one head that attends most
+        err = (peak.double() - received_attention(q, keys, oks, 0.3, layers, "max")).abs().max().item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), ("max", dtype, L, n, Hq, err)
 print("ok")
 """
 
@@ -447,3 +474,5 @@ def test_received_attention_cuda():
     got = received_attention_triton(q, keys, oks, D**-0.5, [0, 3])
     assert (got.double() - want).abs().max() < 2e-2
     assert torch.allclose(got.sum(1), torch.tensor(2.0 * Hq, device="cuda"), rtol=1e-5)
+    peak = received_attention_triton(q, keys, oks, D**-0.5, [0, 3], "max")  # the prompt cut's rule
+    assert (peak.double() - received_attention(q, keys, oks, D**-0.5, [0, 3], "max")).abs().max() < 2e-2

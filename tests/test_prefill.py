@@ -27,9 +27,9 @@ def model_tok(request):
     return request.getfixturevalue(request.param)
 
 
-def run(model, tok, name, prompts, params=PARAMS, prefill_top_k=None, **engine_kw):
+def run(model, tok, name, prompts, params=PARAMS, prefill_top_k=None, cfg=None, **engine_kw):
     """Generate; returns the results and the number of packed prefill forwards of each step."""
-    eng = Engine(model, tok, make_policy(name, AdoreConfig(**CFG)), max_seq_len=128, **engine_kw)
+    eng = Engine(model, tok, make_policy(name, AdoreConfig(**(cfg or CFG))), max_seq_len=128, **engine_kw)
     if prefill_top_k is not None:  # as for a model fine-tuned under top-K (tests/test_train.py: how it is found)
         eng.prefill_top_k = prefill_top_k
     per_step, real = [0], adore.engine.forward_prompts
@@ -84,6 +84,20 @@ def test_forward_prompts_packed_and_chunked_equal_one_prompt_each(tiny_gqa):
                 assert (kv.mass is None) == (mass is None)
                 if mass is not None:
                     assert torch.allclose(kv.mass, mass[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("cut", ["mean", "max"])
+def test_prompt_cut_rules_give_the_same_tokens_packed_chunked_and_alone(tiny_gqa, cut):
+    """adore's cut of prompts longer than the budget by either rule: packed == chunked == alone; the
+    two rules keep different positions for some prompt."""
+    model, tok, _ = tiny_gqa
+    cfg = {**CFG, "prompt_cut": cut}
+    want = alone(model, tok, "adore", PROMPTS, cfg=cfg)
+    assert_same(run(model, tok, "adore", PROMPTS, max_batch=6, cfg=cfg)[0], want)
+    assert_same(run(model, tok, "adore", PROMPTS, max_batch=3, max_prefill_tokens=5, cfg=cfg)[0], want)
+    if cut == "max":
+        mean = alone(model, tok, "adore", PROMPTS, cfg={**CFG, "prompt_cut": "mean"})
+        assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(mean, want))
 
 
 def test_query_blocks_stay_within_the_bound():

@@ -53,11 +53,11 @@ def copy_tokens(src, src_b, src_s, dst, dst_b, dst_s) -> None:
     return copy_tokens_torch(src, src_b, src_s, dst, dst_b, dst_s)
 
 
-def received_attention(queries, keys, ok, scale, layers) -> torch.Tensor:
-    """See `reference.received_attention`: [n, sum N_g], per key the softmax weight it gets summed over
-    the scoring layers and query heads (float64 from torch, float32 from Triton)."""
+def received_attention(queries, keys, ok, scale, layers, reduce: str = "sum") -> torch.Tensor:
+    """See `reference.received_attention`: [n, sum N_g], per key the softmax weight it gets summed (or its
+    max) over the scoring layers and query heads (float64 from torch, float32 from Triton)."""
     if backend(queries.device) == "triton" and len(keys) <= 2:
         from .triton_received_attention import received_attention_triton
 
-        return received_attention_triton(queries, keys, ok, scale, layers)
-    return received_attention_torch(queries, keys, ok, scale, layers)
+        return received_attention_triton(queries, keys, ok, scale, layers, reduce)
+    return received_attention_torch(queries, keys, ok, scale, layers, reduce)

@@ -130,7 +130,7 @@ def copy_tokens(src: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
 
 
 def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
-                       scale: float, layers: list[int]) -> torch.Tensor:
+                       scale: float, layers: list[int], reduce: str = "sum") -> torch.Tensor:
     """The attention one query per sequence gives sets of keys, summed over layers and query heads
     (the ADORE scorer's signal; `adore.policies.adore.received_attention` averages it).
 
@@ -141,11 +141,12 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     ok : per group [n, N_g] bool, which keys exist
     scale : the model's softmax scale
     layers : the layers to sum over
+    reduce : "sum" over the layers and query heads, or their "max" (the one head that attends most)
 
     Returns
     -------
-    [n, sum N_g] float64: per key, the sum over `layers` and the Hq query heads of its softmax weight
-    (0 where not ok), groups side by side in order.
+    [n, sum N_g] float64: per key, the sum (or max) over `layers` and the Hq query heads of its softmax
+    weight (0 where not ok), groups side by side in order.
     """
     L, n, Hq, D = queries.shape
     G = Hq // keys[0].shape[2]
@@ -158,4 +159,4 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
                           for i in layers]).float()  # [layers, n, Hkv, G, sum N_g]
     hidden = ~torch.cat(ok, -1)[:, None, None]  # [n, 1, 1, sum N_g]
     p = torch.softmax(logits.mul_(scale).masked_fill_(hidden, float("-inf")), -1).nan_to_num_(0.0)
-    return p.sum((0, 2, 3)).double()
+    return (p.amax((0, 2, 3)) if reduce == "max" else p.sum((0, 2, 3))).double()

@@ -81,7 +81,8 @@ def _logits_kernel(q_ptr, k1, k2, ok1, ok2, layers, logits, lse, n, N1, N2, Hq, 
 
 
 @triton.jit
-def _mass_kernel(logits, lse, out, n, Nt, Hq, Ls, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+def _mass_kernel(logits, lse, out, n, Nt, Hq, Ls, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     jm = j < Nt
@@ -95,7 +96,11 @@ def _mass_kernel(logits, lse, out, n, Nt, Hq, Ls, BLOCK_H: tl.constexpr, BLOCK_N
             x = tl.load(logits + rows[:, None] * Nt + j[None, :], mask=hm[:, None] & jm[None, :],
                         other=float("-inf"))
             # a head with no key at all has lse -inf and only -inf logits: weight 0, not NaN
-            acc += tl.sum(tl.exp(x - tl.where(ls == float("-inf"), 0.0, ls)[:, None]), 0)
+            w = tl.exp(x - tl.where(ls == float("-inf"), 0.0, ls)[:, None])  # [BLOCK_H, BLOCK_N]
+            if MAX:  # the weight of the one head (of any scoring layer) that attends most
+                acc = tl.maximum(acc, tl.max(w, 0))
+            else:
+                acc += tl.sum(w, 0)
     tl.store(out + row * Nt + j, acc, mask=jm)
 
 
@@ -112,8 +117,8 @@ def _layer_index(layers: list[int], device) -> torch.Tensor:
 
 
 def received_attention_triton(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
-                              scale: float, layers: list[int], *, block_n: int = 64, num_warps: int = 4,
-                              num_stages: int = 2) -> torch.Tensor:
+                              scale: float, layers: list[int], reduce: str = "sum", *, block_n: int = 64,
+                              num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """See `reference.received_attention` (one or two key groups); returns [n, sum N_g] float32.
     The keyword arguments are the kernel's launch settings (bench/scorer_bench.py --sweep)."""
     if len(keys) not in (1, 2):
@@ -139,5 +144,6 @@ def received_attention_triton(queries: torch.Tensor, keys: list[torch.Tensor], o
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), G_PAD=g_pad, BLOCK_N=block_n,
         IEEE=k1.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     block_h = min(triton.next_power_of_2(Hq), 16)
-    _mass_kernel[(n, triton.cdiv(Nt, 128))](logits, lse, out, n, Nt, Hq, Ls, BLOCK_H=block_h, BLOCK_N=128)
+    _mass_kernel[(n, triton.cdiv(Nt, 128))](logits, lse, out, n, Nt, Hq, Ls, BLOCK_H=block_h, BLOCK_N=128,
+                                            MAX=reduce == "max")
     return out

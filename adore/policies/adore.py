@@ -52,7 +52,7 @@ class AdorePolicy(Policy):
     name = "adore"
     uses_controller = True
     knobs = ("top_k", "rebuild", "rebuild_mode", "promote_margin", "protect_recent", "protect_sinks",
-             "scorer", "scorer_path", "score_decay", "score_layers", "rebuild_source", "store_size")
+             "scorer", "scorer_path", "score_decay", "score_layers", "prompt_cut", "rebuild_source", "store_size")
     controller: Controller | None = field(default=None, repr=False)
     embed: object = field(default=None, repr=False)  # the LLM's token embedding (bind)
     learned: LearnedScorer | None = field(default=None, repr=False)  # scorer 'learned' (bind loads it)
@@ -180,6 +180,13 @@ class AdorePolicy(Policy):
             ok = torch.arange(P, device=dev)[None, :] <= last[:, None]  # [k, P]
             got = received_attention(queries, [keys[:, :, :, :P]], [ok], self.scale, self.scoring_layers)[0]
             cache.feat_at[rows, :P] = got[..., None]  # every average starts from it
+            if self.cfg.prompt_cut == "max" and self.budget is not None and P > self.budget:
+                # a prompt that is cut (it comes alone): ranked by the one head that attends most, so
+                # that what a single retrieval head reads survives the cut; the averages start as above
+                peak = received_attention(queries, [keys[:, :, :, :P]], [ok], self.scale, self.scoring_layers,
+                                          reduce="max")[0]
+                dist = last[:, None] - torch.arange(P, device=dev)[None, :]
+                return self.rule_scores(torch.log(peak.double() + 1e-12), dist)
             return self.received_scores(cache.feat_at[rows], last, P)
         query, feats = None, None
         if self.controller is not None:  # the GRU over each prompt (padded: a row's state at its end)
@@ -275,7 +282,7 @@ def scoring_layers(L: int, k: int | None) -> list[int]:
 
 
 def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list[torch.Tensor],
-                       scale: float, layers: list[int] | None = None) -> list[torch.Tensor]:
+                       scale: float, layers: list[int] | None = None, reduce: str = "mean") -> list[torch.Tensor]:
     """The attention one query per sequence gives sets of keys, averaged over layers and heads.
 
     Parameters
@@ -285,23 +292,25 @@ def received_attention(queries: torch.Tensor, keys: list[torch.Tensor], ok: list
     ok : per group [n, N_g] bool, which keys exist
     scale : the model's softmax scale
     layers : the layers to average over (None: all L)
+    reduce : "mean" over layers and query heads, or their "max"
 
     Returns
     -------
-    per group [n, N_g] float32: the mean over layers and query heads of each key's softmax weight
-    (0 where not ok); the groups of a row sum to 1.
+    per group [n, N_g] float32: the mean (or max) over layers and query heads of each key's softmax
+    weight (0 where not ok); with the mean the groups of a row sum to 1.
     """
     L, n, Hq, D = queries.shape
     layers = list(range(L)) if layers is None else list(layers)
-    total = kernels.received_attention(queries, keys, ok, scale, layers).double()  # [n, sum N_g]
-    # Under tensor parallelism each rank holds some of the heads: the sum over all heads is the sum
-    # over ranks, and every rank then holds the same scores (its decisions stay in lock-step).
+    peak = reduce == "max"
+    total = kernels.received_attention(queries, keys, ok, scale, layers, "max" if peak else "sum").double()
+    # Under tensor parallelism each rank holds some of the heads: the sum (max) over all heads is the
+    # sum (max) over ranks, and every rank then holds the same scores (its decisions stay in lock-step).
     dist, ranks = torch.distributed, 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if peak else dist.ReduceOp.SUM)
         ranks = dist.get_world_size()
-    mean = (total / (len(layers) * Hq * ranks)).float()
-    return list(mean.split([m.shape[1] for m in ok], -1))
+    out = (total if peak else total / (len(layers) * Hq * ranks)).float()
+    return list(out.split([m.shape[1] for m in ok], -1))
 
 
 def default_controller(model, info: ModelInfo) -> Controller:

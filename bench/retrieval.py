@@ -48,15 +48,15 @@ def measure(args) -> dict:
            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
     for policy in args.policies.split(","):
         t0 = time.time()
-        # a policy or a spec with settings of its own (adore:prefill_window=16), as bench/gpu_throughput.py
+        # a policy or a spec with settings of its own (adore:prompt_cut=mean), as bench/gpu_throughput.py
         recs, _ = answer(model, tok, info, lambda p=policy: policy_from_spec(p, cfg, adapters=False), samples,
                          args.batch)
-        bounded = policy != "full"
+        name = policy.split(":")[0]
         rows.append({"task": "retrieval", "model": args.model, "dtype": args.dtype, "policy": policy,
-                     "cache_size": args.cache_size if bounded else None,
-                     "top_k": args.top_k if policy.startswith("adore") else None,
-                     "rebuild": args.rebuild if policy.split(":")[0] == "adore" else None,
-                     "rebuild_mode": args.rebuild_mode if policy.split(":")[0] == "adore" else None,
+                     "cache_size": args.cache_size if name != "full" else None,
+                     "top_k": args.top_k if name.startswith("adore") else None,
+                     "rebuild": args.rebuild if name == "adore" else None,
+                     "rebuild_mode": args.rebuild_mode if name == "adore" else None,
                      "retrieval_acc": mean_accuracy(recs),
                      "retrieval_json": json.dumps(recs), "seconds": round(time.time() - t0, 1)})
         print(f"{policy:8s} acc {rows[-1]['retrieval_acc']:.3f}  {rows[-1]['seconds']} s", flush=True)

@@ -132,7 +132,8 @@ class Engine:
             self.queries = torch.zeros(cfg.num_hidden_layers, max_batch, hq, hd, device=self.device,
                                        dtype=next(model.parameters()).dtype)
         # Static decode steps replayed from CUDA graphs (None: on when the model is on one GPU; off
-        # under tensor parallelism, whose collectives we have not validated inside graphs).
+        # under tensor parallelism until its captured all-reduces are measured on two GPUs; True
+        # captures them: every rank captures the same shapes in the same step, as all decide alike).
         self.graphed = None
         if cuda_graphs is None:
             dist = torch.distributed

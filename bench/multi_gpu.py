@@ -124,7 +124,8 @@ def check_tp_tokens(a) -> dict:
     from workers.spec import EngineSpec
 
     spec = EngineSpec(model=a.model, policy="adore", **knob_values(a), dtype=a.check_dtype, device=a.device,
-                      max_batch=a.check_prompts, max_seq_len=a.prompt_tokens + a.check_tokens + 8, threads=a.threads)
+                      max_batch=a.check_prompts, max_seq_len=a.prompt_tokens + a.check_tokens + 8, threads=a.threads,
+                      cuda_graphs=a.cuda_graphs)
     ps = prompts(a.check_prompts, a.prompt_tokens)
     out = {}
     for tp in (1, 2):
@@ -181,7 +182,8 @@ def run_layout(a, policy: str, layout: str, per_gpu: int, base: str) -> tuple[di
             # that wait a whole generation while the other replica has free rows
             "max_ongoing_requests": per_replica,
             "max_seq_len": a.prompt_tokens + a.tokens + 8, **knob_values(a), "dtype": a.dtype, "device": a.device,
-            "cpus_per_rank": a.cpus_per_rank, "threads": a.threads, "stream_interval_s": a.stream_interval}
+            "cpus_per_rank": a.cpus_per_rank, "threads": a.threads, "stream_interval_s": a.stream_interval,
+            "cuda_graphs": a.cuda_graphs}
     model = ServeArgs.parse(args).model_id(policy)
     t0 = time.perf_counter()
     serve.run(build_app(args), name="mg", route_prefix="/")
@@ -194,7 +196,7 @@ def run_layout(a, policy: str, layout: str, per_gpu: int, base: str) -> tuple[di
     finally:
         serve.delete("mg")
     stats.update({"policy": policy, "layout": layout, "replicas": r, "tp": t, "gpus": r * t,
-                  "batch_per_replica": per_replica, "startup_s": round(startup, 1),
+                  "batch_per_replica": per_replica, "startup_s": round(startup, 1), "cuda_graphs": a.cuda_graphs,
             "stream_interval_s": a.stream_interval})
     return stats, texts
 
@@ -310,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     add_knob_args(p.add_argument_group("method"))
     p.add_argument("--stream-interval", type=float, default=0.5,
                    help="seconds between a request's stream chunks (first at once): cluster stream_interval_s")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="decode steps from CUDA graphs; auto: on for one GPU, off under tp (on: tp captures "
+                        "its all-reduces in the graphs too)")
     p.add_argument("--cpus-per-rank", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--check-prompts", type=int, default=4)

@@ -29,6 +29,8 @@ typo fails the deployment with a clear message instead of inside a replica.
     max_request_bytes     larger request bodies get 413 before they are read
     request_read_timeout_s  a body not received within this long gets 408 (a client that declares more
                           than it sends must not hold a connection forever)
+    cuda_graphs           auto (on for one GPU, off under tp: its captured all-reduces are not yet measured
+                          on two GPUs), on, off
     stream_interval_s     0: one stream chunk per engine step; > 0: a request's tokens are sent at most
                           this often (the first at once), which many concurrent streams need: each chunk
                           costs the replica's event loop ~0.2 ms, so 256 streams chunked per step can
@@ -70,6 +72,7 @@ class ServeArgs(AdoreConfig):
     ingress_replicas: int = 1
     retry_after_s: float | None = None  # None: estimated from the replica's queue and step time
     stream_interval_s: float = 0.0
+    cuda_graphs: str = "auto"
     max_request_bytes: int = 2 * 2**20
     request_read_timeout_s: float = 30.0
 
@@ -162,7 +165,8 @@ class ServeArgs(AdoreConfig):
         return EngineSpec(model=self.model, policy=policy, **knob_values(self), controller=self.controller,
                           adapter=self.adapter,
                           dtype=dtype, device=device, max_batch=self.max_batch, max_seq_len=self.max_seq_len,
-                          max_prefill_tokens=self.max_prefill_tokens, threads=self.threads)
+                          max_prefill_tokens=self.max_prefill_tokens, threads=self.threads,
+                          cuda_graphs=self.cuda_graphs)
 
     @property
     def total_ranks(self) -> int:

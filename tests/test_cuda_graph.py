@@ -49,3 +49,57 @@ def test_graphed_step_equals_eager_step(model_on_gpu, name, kw):
     for eager, graph in zip(runs[False], runs[True]):
         assert graph.token_ids == eager.token_ids
         assert torch.allclose(torch.tensor(graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4)
+
+
+def test_graphs_capture_the_tp_all_reduces():
+    """The tp decode step's collectives inside the graph (issue 20), on one GPU: an NCCL group of one
+    rank, an all-reduce after every o_proj and down_proj as DeepSpeed AutoTP's LinearAllreduce does
+    (at world size 1 the sum is the value itself, but each is a real NCCL launch, captured), and the
+    scorer's all-reduce between replays. The graphed engine must give the eager engine's tokens, a
+    replay must launch the NCCL kernels without running the hooks' Python (they are in the graph),
+    and the group must close after capture without hanging (pytorch/pytorch#115388)."""
+    import gc
+
+    import torch.distributed as dist
+
+    from workers.dist import free_port
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model, tok, _ = load_model("random:tiny-gqa", device="cuda")
+        calls = {"n": 0}
+
+        def all_reduce(_mod, _inp, out):
+            calls["n"] += 1
+            dist.all_reduce(out)  # in place, as LinearAllreduce
+            return out
+
+        hooks = [m.register_forward_hook(all_reduce) for layer in model.model.layers
+                 for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        cfg = AdoreConfig(cache_size=16, rebuild=3)
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        runs = {}
+        for graphed in (False, True):
+            eng = Engine(model, tok, make_policy("adore", cfg), max_batch=4, max_seq_len=256, cuda_graphs=graphed)
+            assert (eng.graphed is not None) == graphed
+            runs[graphed] = eng.generate(PROMPTS, params)
+        assert eng.graphed.graphs, "no graph was captured"
+        captured = next(iter(eng.graphed.graphs.values())).graph
+        torch.cuda.synchronize()
+        before = calls["n"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            captured.replay()
+            torch.cuda.synchronize()
+        assert calls["n"] == before, "a replay ran Python"
+        assert any("nccl" in e.key.lower() for e in prof.key_averages()), "no NCCL kernel in the replay"
+        for eager, graph in zip(runs[False], runs[True]):
+            assert graph.token_ids == eager.token_ids
+            assert torch.allclose(torch.tensor(graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4)
+        del eng
+        for h in hooks:
+            h.remove()
+        gc.collect()
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()

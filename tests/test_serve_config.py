@@ -61,9 +61,10 @@ def test_method_knobs_reach_the_engine_config():
 
 def test_engine_settings_reach_the_engine_spec():
     cfg = ServeArgs.parse({"model": "random:tiny", "policies": "adore", "device": "cpu", "max_batch": "3",
-                           "max_seq_len": "300", "max_prefill_tokens": "512"})
+                           "max_seq_len": "300", "max_prefill_tokens": "512", "cuda_graphs": "on"})
     spec = cfg.engine_spec("adore")
     assert (spec.max_batch, spec.max_seq_len, spec.max_prefill_tokens) == (3, 300, 512)
+    assert spec.graphs is True and ServeArgs.parse({"device": "cpu"}).engine_spec("adore").graphs is None
     assert ServeArgs.parse(k8s_args()).max_prefill_tokens == k8s_args()["max_prefill_tokens"]
 
 
@@ -79,6 +80,7 @@ def test_engine_settings_reach_the_engine_spec():
     ({"cache_size": 0}, "cache size"),
     ({"protect_recent": 192}, "protect_recent"),
     ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs must be"),
 ])
 def test_bad_args_fail_at_build_time(args, msg):
     with pytest.raises(UserError, match=msg):

@@ -77,7 +77,8 @@ class RankWorker:
             model, tok, info = spec.load_model(device)
         self.tok = tok
         self.engine = Engine(model, tok, policy, info=info, max_batch=spec.max_batch,
-                             max_seq_len=spec.max_seq_len, max_prefill_tokens=spec.max_prefill_tokens)
+                             max_seq_len=spec.max_seq_len, max_prefill_tokens=spec.max_prefill_tokens,
+                             cuda_graphs=spec.graphs)
         t1 = time.perf_counter()
         self.engine.warm_up()  # the first users do not pay for cold memory and first-use kernels
         return {"rank": self.rank, "world": self.world, "pid": os.getpid(), "device": str(self.engine.device),
@@ -113,8 +114,17 @@ class RankWorker:
 
     def shutdown(self) -> bool:
         """Leave the process group (no hung group on exit) and drop the engine."""
+        import gc
+
         from .dist import destroy_group
 
+        # Graphs that captured NCCL collectives go before the group: destroying a communicator a live
+        # graph still holds can hang (pytorch/pytorch#115388).
         self.engine = None
+        gc.collect()
+        if self.spec.uses_gpu:
+            import torch
+
+            torch.cuda.synchronize()
         destroy_group()
         return True

@@ -29,6 +29,9 @@ class EngineSpec(AdoreConfig):
     threads: int | None = None  # torch intra-op threads per rank (None: leave torch's choice)
     seed: int = 0  # weights seed of random:<shape> models (all ranks must agree)
     dist_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
+    # decode steps replayed from CUDA graphs: "auto" on one GPU and off under tp (the graph would hold
+    # the all-reduces of o_proj/down_proj; not yet measured on two GPUs), "on", "off"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         prefill_ok = self.max_prefill_tokens is None or self.max_prefill_tokens >= 1  # None: by device
@@ -36,11 +39,18 @@ class EngineSpec(AdoreConfig):
             raise UserError("max_batch >= 1, max_seq_len >= 2 and max_prefill_tokens >= 1 are required")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise UserError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         super().__post_init__()  # the method's numbers, checked early, in the caller's process
 
     @property
     def uses_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def graphs(self) -> bool | None:
+        """Engine(cuda_graphs=...): None (auto), True or False."""
+        return {"auto": None, "on": True, "off": False}[self.cuda_graphs]
 
     def replace(self, **kw) -> EngineSpec:
         return EngineSpec(**{**asdict(self), **kw})

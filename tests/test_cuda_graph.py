@@ -55,20 +55,24 @@ def test_graphs_capture_the_tp_all_reduces():
     """The tp decode step's collectives inside the graph (issue 20), on one GPU: an NCCL group of one
     rank, an all-reduce after every o_proj and down_proj as DeepSpeed AutoTP's LinearAllreduce does
     (at world size 1 the sum is the value itself, but each is a real NCCL launch, captured), and the
-    scorer's all-reduce between replays. The graphed engine must give the eager engine's tokens, a
-    replay must launch the NCCL kernels without running the hooks' Python (they are in the graph),
-    and the group must close after capture without hanging (pytorch/pytorch#115388)."""
+    scorer's all-reduce between replays. Capture must accept the collectives (NCCL in capture mode:
+    the group's work is not enqueued for its watchdog), the graphed engine must give the eager
+    engine's tokens, a replay must run none of the hooks' Python, and the group must close after
+    capture without hanging (pytorch/pytorch#115388). At one rank NCCL launches no reduction kernel,
+    so what the sum does inside a replay needs two GPUs (bench/multi_gpu.py --cuda-graphs on)."""
     import gc
+    import socket
 
     import torch.distributed as dist
 
-    from workers.dist import free_port
-
+    with socket.socket() as s:  # a free port (workers.dist has the same, but workers imports Ray)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     torch.backends.cuda.matmul.allow_tf32 = False
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         model, tok, _ = load_model("random:tiny-gqa", device="cuda")
-        calls = {"n": 0}
+        calls = {"n": 0}  # hook runs: at eager steps, warm-ups and captures, never at a replay
 
         def all_reduce(_mod, _inp, out):
             calls["n"] += 1
@@ -88,11 +92,9 @@ def test_graphs_capture_the_tp_all_reduces():
         captured = next(iter(eng.graphed.graphs.values())).graph
         torch.cuda.synchronize()
         before = calls["n"]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            captured.replay()
-            torch.cuda.synchronize()
+        captured.replay()
+        torch.cuda.synchronize()
         assert calls["n"] == before, "a replay ran Python"
-        assert any("nccl" in e.key.lower() for e in prof.key_averages()), "no NCCL kernel in the replay"
         for eager, graph in zip(runs[False], runs[True]):
             assert graph.token_ids == eager.token_ids
             assert torch.allclose(torch.tensor(graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4)

@@ -3,11 +3,11 @@
     python bench/profile_step.py --method adore --batch 512 --history 1024
     python bench/profile_step.py --device cpu --model smollm2-135m --threads 1 --batch 32 --history 1024
 
-Random weights (`random:llama2-7b`, bf16, like bench/gpu_throughput.py) by default; on a CPU
-(`--device cpu`) there are no CUDA graphs and the table's GPU column reads 0: host time is the step. Prefills `--batch`
-sequences, decodes until each holds `--history` tokens, then profiles `--steps` decode steps and
-prints the CUDA kernels and CPU ops that took the most time, plus the step time with and without
-the profiler. Writes a Chrome trace when --trace is given.
+Random weights (`random:llama2-7b`, bf16, like bench/gpu_throughput.py) by default. Prefills
+`--batch` sequences, decodes until each holds `--history` tokens, then profiles `--steps` decode steps
+and prints the CUDA kernels and CPU ops that took the most time, plus the step time with and without
+the profiler. Writes a Chrome trace when --trace is given. On a CPU (`--device cpu`) there are no
+CUDA graphs and the parts table's GPU column reads 0: the host time is the step.
 """
 
 from __future__ import annotations

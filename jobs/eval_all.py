@@ -156,7 +156,7 @@ def run(args) -> int:
     if not args.no_report and store.local:
         from jobs.report import write_report
 
-        out = write_report(store.read_all(), f"{store.root}/report")
+        out = write_report(store.read_latest()[0], f"{store.root}/report")
         log(f"report: {out}")
     return 0 if counts["failed"] == 0 else 1
 

@@ -56,3 +56,22 @@ def test_report_with_some_tasks_missing(tmp_path, drop):
     md = Path(write_report(table, str(tmp_path))).read_text()
     assert ("### Throughput" in md) == (drop != "throughput")
     assert (tmp_path / "quality-random_tiny.png").is_file()
+
+
+def test_report_keeps_to_the_latest_grid(tmp_path, capsys):
+    """A re-run with a changed preset writes new cells beside the old ones: the report shows the latest
+    run's grid (grid.json), says how many cells it left out, and `--all` shows every cell."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    ids = sorted(ResultStore(str(run)).read_all()["cell_id"].to_pylist())
+    (run / "grid.json").write_text(json.dumps({"cells": ids[:20], "config": {}, "run_id": "x"}))
+    assert adore_main(["report", str(run)]) == 0
+    assert "20 cells; 10 cells of earlier grids left out" in capsys.readouterr().out
+    assert "- cells: 20 " in (run / "report" / "report.md").read_text()
+    assert adore_main(["report", str(run), "--all"]) == 0
+    assert "(30 cells)" in capsys.readouterr().out
+    (run / "grid.json").write_text(json.dumps({"cells": ["gone"], "config": {}, "run_id": "y"}))
+    assert adore_main(["report", str(run)]) == 2
+    assert "--all reports every cell" in capsys.readouterr().err

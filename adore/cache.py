@@ -37,13 +37,17 @@ class SlotCache:
         self.mass = torch.zeros(batch, shape[3], dtype=torch.float32, device=device)
         # per absolute position
         self.tok_at = torch.zeros(batch, max_positions, dtype=torch.long, device=device)
-        self.released = torch.zeros(batch, max_positions, dtype=torch.bool, device=device)
+        # (one more column, never read: where fixed-shape updates send their padded entries)
+        self.released = torch.zeros(batch, max_positions + 1, dtype=torch.bool, device=device)
         self.feat_at = torch.zeros(batch, max_positions, feat_dim, device=device) if feat_dim else None
         # per sequence: the controller's recurrent state
         self.ctrl_h = torch.zeros(batch, ctrl_dim, device=device) if ctrl_dim else None
         # the second tier: released tokens' K/V [L, B, Hkv, S + 1, D] (slot S is its trash slot) and
         # their positions [B, S + 1] (-1: empty)
         self.store_size = store_size
+        # 1 + the highest position of any active row this step, set by the engine from its host-side
+        # count, so that per-position work needs no device sync to find it (None: found from the tensors)
+        self.pos_bound: int | None = None
         if store_size:
             sshape = (layers, batch, kv_heads, store_size + 1, head_dim)
             self.store_k = torch.zeros(sshape, dtype=dtype, device=device)
@@ -83,6 +87,14 @@ class SlotCache:
         a, b = torch.stack([_used(self.valid(n)), _used(self.stored(n))]).tolist()
         return a, b
 
+    def read_widths(self, n: int) -> tuple[int, int]:
+        """How many cache slots and store slots of the first n rows a scorer reads: on a GPU the whole
+        allocation (finding the occupied prefix, `used_both`, is a device sync, and the scorer kernel
+        does not load an empty slot's key), elsewhere the occupied prefix (no sync to pay there)."""
+        if self.k.device.type == "cuda":
+            return self.capacity, self.store_size
+        return self.used_both(n)
+
     def free_slots(self, n: int, rows: int) -> torch.Tensor:
         """[n, rows] the lowest-numbered empty slots of each of the first n rows."""
         occupied = self.valid(n).to(torch.int8)
@@ -99,20 +111,42 @@ class SlotCache:
         """[n, S] bool: occupied store slots of the first n rows (trash excluded)."""
         return self.store_pos[:n, : self.store_size] >= 0
 
-    def stash(self, rows: torch.Tensor, slots: torch.Tensor, pos_scores: torch.Tensor | None) -> None:
-        """Keep the K/V of cache slots (rows[j], slots[j]) [J] in their rows' stores (before the slots
-        are emptied). rows must be sorted (as nonzero() gives them)."""
-        if self.store_k is None or rows.numel() == 0:
-            return
-        self.store_from(self.k, self.v, rows, slots, rows, self.pos[rows, slots], pos_scores)
+    def release(self, drop: torch.Tensor, pos_scores: torch.Tensor | None, most: int) -> torch.Tensor:
+        """Release the slots drop [n, C] marks in the first n rows: their K/V go to the second tier (if
+        any), their positions are flagged released, the slots become empty. Returns the number released
+        (a 0-d device tensor). pos_scores [n, P] rank the stored tokens (None: by age).
+
+        Fixed shapes, no device sync: `most` bounds what a row releases in one call (C - m after a
+        decode step: a row holds at most C slots and keeps m), so the dropped slots are taken as
+        [n, most] columns, the padding sent to the trash slots."""
+        n = drop.shape[0]
+        width = max(1, min(most, drop.shape[1]))
+        order = drop.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :width]  # [n, W]
+        ok = drop.gather(1, order)  # dropped slots first in each row
+        slots = torch.where(ok, order, self.trash)
+        positions = self.pos[:n].gather(1, slots)  # -1 at the trash slot
+        if self.store_k is not None:
+            rows = torch.arange(n, device=drop.device).repeat_interleave(width)
+            self.store_from(self.k, self.v, rows, slots.flatten(), rows, positions.flatten(), pos_scores,
+                            ok.flatten())
+        self.released[:n].scatter_(1, torch.where(ok, positions, self.max_positions), ok)  # the spare column stays False
+        self.pos[:n].scatter_(1, slots, -1)
+        self.mass[:n].scatter_(1, slots, 0.0)
+        return ok.sum()
 
     def store_from(self, src_k: torch.Tensor, src_v: torch.Tensor, src_b: torch.Tensor, src_s: torch.Tensor,
-                   rows: torch.Tensor, positions: torch.Tensor, pos_scores: torch.Tensor | None) -> None:
+                   rows: torch.Tensor, positions: torch.Tensor, pos_scores: torch.Tensor | None,
+                   ok: torch.Tensor | None = None) -> None:
         """Put J tokens into the stores of rows [J] (sorted): token j is src_k/src_v[:, src_b[j], :, src_s[j]]
         (src [L, B', Hkv, S', D]: the cache itself on release, a prompt's K/V at its cut) at position
-        positions[j]; the slots as in `_store_slots`. No device sync: tokens that find no room are
-        written to the trash slot, which is never read."""
-        ok, dst = self._store_slots(rows, pos_scores)
+        positions[j]; the slots as in `_store_slots`. ok [J]: which entries are tokens (None: all; the
+        others must come after a row's tokens). No device sync: tokens that find no room, and entries
+        that are not tokens, are written to the trash slot, which is never read."""
+        kept, dst = self._store_slots(rows, pos_scores)
+        if ok is not None:
+            kept = kept & ok
+            dst = torch.where(ok, dst, self.store_size)
+        ok = kept
         copy_tokens(src_k, src_b, src_s, self.store_k, rows, dst)  # straight across, no temporary
         copy_tokens(src_v, src_b, src_s, self.store_v, rows, dst)
         self.store_pos[rows, dst] = torch.where(ok, positions, -1)
@@ -145,14 +179,26 @@ class SlotCache:
         copy_tokens(src_v, src_b, src_s, self.v, rows, slots)
         self.pos[rows, slots] = positions
 
-    def restore(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        """Move stored tokens at positions [J] of rows [J] back into cache slots [J] (free ones),
-        exactly the K/V they were stashed with; their store slots become free."""
-        if rows.numel() == 0:
-            return
-        src = (self.store_pos[rows, : self.store_size] == positions[:, None]).int().argmax(1)
-        self.put(self.store_k, self.store_v, rows, src, rows, slots, positions)
-        self.store_pos[rows, src] = -1
+    def restore(self, positions: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Move the stored tokens at positions [n, r] of the first n rows where ok [n, r] back into free
+        cache slots, exactly the K/V they were stashed with; their store slots become free. Returns the
+        number restored (a 0-d device tensor). Fixed shapes, no device sync: the entries that are not
+        ok copy into the trash slots.
+
+        A row holds at most m + 1 tokens after the layers of a step (C - m - 1 = R free slots), so the
+        r <= R tokens it gets back always find room."""
+        n, r = positions.shape
+        if r == 0:
+            return positions.new_zeros(())
+        slots = torch.where(ok, self.free_slots(n, r), self.trash)  # [n, r]
+        found = self.store_pos[:n, None, : self.store_size] == positions[:, :, None]  # [n, r, S]
+        src = torch.where(ok, found.to(torch.int8).argmax(2), self.store_size)  # [n, r]
+        rows = torch.arange(n, device=positions.device).repeat_interleave(r)
+        self.put(self.store_k, self.store_v, rows, src.flatten(), rows, slots.flatten(),
+                 torch.where(ok, positions, -1).flatten())
+        self.mass[:n].scatter_(1, slots, 0.0)
+        self.store_pos[:n].scatter_(1, src, -1)
+        return ok.sum()
 
     def clear(self, b: int | slice) -> None:
         self.pos[b] = -1

@@ -46,7 +46,8 @@ class GraphedDecoder:
     def __call__(self, ids: torch.Tensor, row_pos: torch.Tensor, slots: torch.Tensor):
         """Same contract as forward_slots for the first n rows: ids, row_pos, slots [n, R]."""
         n, rows = ids.shape
-        key = (rows, self._bucket(self.cache.used_slots(n)))
+        c = self.cache  # a bounded cache fits one bucket: no need to find (with a device sync) what it uses
+        key = (rows, c.capacity if c.capacity <= self.slot_bucket else self._bucket(c.used_slots(n)))
         g = self.graphs.get(key) or self._capture(*key)
         g.ids.zero_()
         g.row_pos.fill_(-1)

@@ -403,9 +403,9 @@ class Engine:
         reqs = [self.requests[r] for r in self.rows]
         dev = self.device
         ar = torch.arange(n, device=dev)
-        cur_tok = torch.tensor([r.out[-1] for r in reqs], device=dev)
-        cur_pos = torch.tensor([r.next_pos for r in reqs], device=dev)
+        cur_tok, cur_pos = self._to_device([[r.out[-1] for r in reqs], [r.next_pos for r in reqs]])
         c.tok_at[ar, cur_pos] = cur_tok
+        c.pos_bound = max(r.next_pos for r in reqs) + 1
 
         # 1-2. the policy's scores for every position (adore: the controller), and its rebuild choice
         # (recomputed rebuilds run as query rows beside the current token; stored ones come back
@@ -415,7 +415,8 @@ class Engine:
             pos_scores = pol.step_scores(c, n, cur_tok, cur_pos)
             rb_pos, rb_ok = nothing_rebuilt(c, n) if stored else pol.choose_rebuild(c, n, pos_scores)
         # this step's figures stay on the device and reach the host with the tokens (one transfer):
-        # recomputed rebuilds, attended tokens, cached tokens after the cut, stored tokens
+        # rebuilt tokens (recomputed or restored), attended tokens, released tokens, cached tokens
+        # after the cut, stored tokens
         counts = [rb_ok.sum()]
 
         # 3. rows -> free slots -> all layers
@@ -444,12 +445,7 @@ class Engine:
         if stored:
             with record_function("adore.policy.readmit"):
                 back, back_ok = pol.choose_rebuild(c, n, pos_scores)
-                if back_ok.numel():
-                    b, j = back_ok.nonzero(as_tuple=True)
-                    free = c.free_slots(n, back.shape[1])
-                    c.restore(b, back[b, j], free[b, j])
-                    c.mass[b, free[b, j]] = 0
-                    self.stats["rebuilt"] += int(b.numel())
+                counts[0] = counts[0] + c.restore(back, back_ok)
         if self.trace is not None:
             self.trace.append({"rows": list(self.rows), "cur_pos": cur_pos.clone(),
                                "rebuilt": [rb_pos[i][rb_ok[i]].tolist() for i in range(n)],
@@ -461,12 +457,10 @@ class Engine:
                 valid = c.valid(n)
                 view = SlotView(c.pos[:n, : c.capacity], cur_pos, c.mass[:n, : c.capacity], pos_scores)
                 drop = valid & ~select_keep(pol, view, valid)
-                b, j = drop.nonzero(as_tuple=True)
-                c.stash(b, j, pos_scores)
-                c.released[b, c.pos[b, j]] = True
-                c.pos[b, j] = -1
-                c.mass[b, j] = 0
-                self.stats["released"] += int(b.numel())  # nonzero's size is on the host already
+                released = c.release(drop, pos_scores, most=c.capacity - pol.budget)
+        else:
+            released = counts[0].new_zeros(())
+        counts.append(released)
         counts.append(c.valid(n).sum(1).max())
         counts.append(c.stored(n).sum() if c.store_pos is not None else counts[-1].new_zeros(()))
 
@@ -474,15 +468,26 @@ class Engine:
         for req in reqs:
             req.next_pos += 1
         with record_function("adore.tokens"):
-            rebuilt, step_tokens, held, stored_now = self._next_tokens(reqs, logits, outs, torch.stack(counts))
+            rebuilt, step_tokens, released, held, stored_now = self._next_tokens(reqs, logits, outs,
+                                                                                 torch.stack(counts))
         st = self.stats
         st["rebuilt"] += int(rebuilt)
+        st["released"] += int(released)
         if c.store_pos is not None:
             st["stored_tokens"] = int(stored_now)
         st["steps"] += 1
         st["decode_tokens"] += n
         st["peak_cache_tokens"] = max(st["peak_cache_tokens"], int(held))
         st["peak_step_tokens"] = max(st["peak_step_tokens"], int(step_tokens))
+
+    def _to_device(self, rows: list[list], dtype=torch.long) -> torch.Tensor:
+        """Host numbers [k][n] -> a [k, n] tensor on the engine's device, without a device sync: a plain
+        host-to-device copy waits for the device to finish its queue, a copy from pinned memory does
+        not (the caching host allocator keeps the buffer alive until the copy has run)."""
+        t = torch.tensor(rows, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # -- tokens out ------------------------------------------------------------------------------
     def _next_tokens(self, reqs: list[_Request], logits: torch.Tensor, outs: list[StepOutput],
@@ -516,14 +521,15 @@ class Engine:
         tok = greedy.clone()
         forced = [i for i, r in enumerate(reqs) if r.params.forced_tokens is not None]
         if forced:
-            tok[forced] = torch.tensor([reqs[i].params.forced_tokens[len(reqs[i].out)] for i in forced],
-                                       device=tok.device)
+            at, forced_tok = self._to_device([forced, [reqs[i].params.forced_tokens[len(reqs[i].out)]
+                                                       for i in forced]])
+            tok[at] = forced_tok
         sampled = [i for i, r in enumerate(reqs) if r.params.forced_tokens is None and r.params.temperature > 0]
         if sampled:  # in one batch; each row draws from its own seeded generator
             dev, ps = tok.device, [reqs[i].params for i in sampled]
-            rows = torch.tensor(sampled, device=dev)
-            tok[rows] = sample_tokens(logits[rows], torch.tensor([p.temperature for p in ps], device=dev),
-                                      torch.tensor([p.top_p for p in ps], device=dev),
+            rows = self._to_device([sampled])[0]
+            knobs = self._to_device([[p.temperature for p in ps], [p.top_p for p in ps]], torch.float32)
+            tok[rows] = sample_tokens(logits[rows], knobs[0], knobs[1],
                                       draw_uniforms([reqs[i].gen for i in sampled], dev))
         logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
         flat = torch.stack([tok.double(), logp.double(), (tok == greedy).double()]).flatten()

@@ -47,21 +47,25 @@ def test_stored_tokens_come_back_with_the_kv_they_left_with(tiny_gqa, monkeypatc
 
     model, tok, info = tiny_gqa
     left, back = {}, []
-    real_stash, real_restore = SlotCache.stash, SlotCache.restore
+    real_release, real_restore = SlotCache.release, SlotCache.restore
 
-    def stash(self, rows, slots, scores):
-        for b, j in zip(rows.tolist(), slots.tolist()):
+    def release(self, drop, scores, most):
+        for b, j in drop.nonzero().tolist():
             left[(b, int(self.pos[b, j]))] = (self.k[:, b, :, j].clone(), self.v[:, b, :, j].clone())
-        real_stash(self, rows, slots, scores)
+        return real_release(self, drop, scores, most)
 
-    def restore(self, rows, positions, slots):
-        real_restore(self, rows, positions, slots)
-        for b, p, j in zip(rows.tolist(), positions.tolist(), slots.tolist()):
+    def restore(self, positions, ok):
+        got = real_restore(self, positions, ok)
+        for b, i in ok.nonzero().tolist():
+            p = int(positions[b, i])
+            j = int((self.pos[b, : self.capacity] == p).nonzero()[0, 0])  # the slot it came back to
             k, v = left[(b, p)]
             assert torch.equal(self.k[:, b, :, j], k) and torch.equal(self.v[:, b, :, j], v)
             back.append(p)
+        assert int(got) == int(ok.sum())
+        return got
 
-    monkeypatch.setattr(SlotCache, "stash", stash)
+    monkeypatch.setattr(SlotCache, "release", release)
     monkeypatch.setattr(SlotCache, "restore", restore)
     eng = _engine(model, tok, info, rebuild=4)
     eng.add_request(list(range(3, 9)), SamplingParams(max_tokens=60, ignore_eos=True))

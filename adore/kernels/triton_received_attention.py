@@ -32,9 +32,11 @@ def _logits_block(q, k_ptr, ok_ptr, j0, N, k_s, out_ptr, m, s, d, hmask, dmask,
     heads q [G_PAD, D] written at out_ptr [G_PAD] + j; returns the updated running max m and sum s."""
     j = j0 + tl.arange(0, BLOCK_N)
     jm = j < N
-    kk = tl.load(k_ptr + j[:, None].to(tl.int64) * k_s + d[None, :], mask=jm[:, None] & dmask[None, :],
-                 other=0.0)
     ok = tl.load(ok_ptr + j, mask=jm, other=0) != 0
+    # an empty slot's key is not loaded: the engine passes whole allocations (no sync to find their
+    # occupied prefix), so a store that is not full yet costs only the keys it holds
+    kk = tl.load(k_ptr + j[:, None].to(tl.int64) * k_s + d[None, :], mask=ok[:, None] & dmask[None, :],
+                 other=0.0)
     # q [G_PAD >= 16, D] in the keys' dtype: a tensor-core product (three times faster on an H200 than
     # a sum of products in registers, which stalls on the loads: bench/results/scorer_sweep_h200.json)
     if IEEE:  # float32 keys: a true float32 product, not TF32

@@ -209,7 +209,7 @@ class AdorePolicy(Policy):
             cache.ctrl_h[:n] = h
             cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos] = self.controller.token_features(h)
             query = self.controller.query_features(h)
-        return self.position_scores(cache.feat_at, cur_pos, query)
+        return self.position_scores(cache.feat_at, cur_pos, query, cache.pos_bound)
 
     def observe(self, cache, n, cur_pos, queries, pos_scores):
         """Scorers 'attention' and 'learned': fold this step's received attention into every cached
@@ -217,7 +217,7 @@ class AdorePolicy(Policy):
         if not self.by_attention:
             return pos_scores
         d = self.decay_weights  # [F]
-        used, held = cache.used_both(n)
+        used, held = cache.read_widths(n)
         keys, ok, where = [cache.k[:, :n, :, :used]], [cache.valid(n)[:, :used]], [cache.pos[:n, :used]]
         if cache.store_k is not None:
             keys.append(cache.store_k[:, :n, :, :held])
@@ -228,7 +228,7 @@ class AdorePolicy(Policy):
         e.mul_(d)
         for a, m, p in zip(got, ok, where):
             e.scatter_add_(1, p.clamp(min=0)[..., None].expand(-1, -1, len(d)), (1 - d) * (a * m)[..., None])
-        return self.received_scores(e, cur_pos)
+        return self.received_scores(e, cur_pos, cache.pos_bound)
 
     def choose_rebuild(self, cache, n, pos_scores):
         """The R best released positions (promote: only those beating the weakest cached token by
@@ -246,8 +246,9 @@ class AdorePolicy(Policy):
             back = torch.zeros_like(back).scatter_(1, sp.clamp(min=0), sp >= 0)
         # recomputed rebuilds run as query rows: trim the columns no row uses (stored ones are copies)
         rb_pos, rb_ok = self.pick_released(pos_scores, back, cached_min, trim=self.rebuild_source == "recompute")
-        b, j = rb_ok.nonzero(as_tuple=True)
-        cache.released[b, rb_pos[b, j]] = False
+        # (topk's positions are distinct within a row: a scatter with no device sync)
+        rel = cache.released[:n]
+        rel.scatter_(1, rb_pos, rel.gather(1, rb_pos) & ~rb_ok)
         return rb_pos, rb_ok
 
     def pick_released(self, pos_scores: torch.Tensor, released: torch.Tensor, cached_min: torch.Tensor,

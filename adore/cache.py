@@ -45,9 +45,12 @@ class SlotCache:
         # the second tier: released tokens' K/V [L, B, Hkv, S + 1, D] (slot S is its trash slot) and
         # their positions [B, S + 1] (-1: empty)
         self.store_size = store_size
-        # 1 + the highest position of any active row this step, set by the engine from its host-side
-        # count, so that per-position work needs no device sync to find it (None: found from the tensors)
+        # Bounds the engine keeps on the host, so that a step needs no device sync to find them:
+        # 1 + the highest position of any active row this step (None: found from the tensors), and
+        # at least 1 + the highest occupied store slot of any active row (from the previous step's
+        # count, which crosses with the tokens, raised by the prompts placed since; None: unknown)
         self.pos_bound: int | None = None
+        self.store_bound: int | None = None
         if store_size:
             sshape = (layers, batch, kv_heads, store_size + 1, head_dim)
             self.store_k = torch.zeros(sshape, dtype=dtype, device=device)
@@ -89,11 +92,17 @@ class SlotCache:
 
     def read_widths(self, n: int) -> tuple[int, int]:
         """How many cache slots and store slots of the first n rows a scorer reads: on a GPU the whole
-        allocation (finding the occupied prefix, `used_both`, is a device sync, and the scorer kernel
-        does not load an empty slot's key), elsewhere the occupied prefix (no sync to pay there)."""
+        allocation of the cache and the store up to `store_bound` (finding the occupied prefixes,
+        `used_both`, is a device sync; the scorer kernel does not load an empty slot's key), elsewhere
+        the occupied prefixes (no sync to pay there)."""
         if self.k.device.type == "cuda":
-            return self.capacity, self.store_size
+            bound = self.store_size if self.store_bound is None else self.store_bound
+            return self.capacity, min(self.store_size, bound)
         return self.used_both(n)
+
+    def store_used(self, n: int) -> torch.Tensor:
+        """1 + the highest occupied store slot of the first n rows (a 0-d device tensor; 1 with none)."""
+        return _used(self.stored(n))
 
     def free_slots(self, n: int, rows: int) -> torch.Tensor:
         """[n, rows] the lowest-numbered empty slots of each of the first n rows."""

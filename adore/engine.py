@@ -124,6 +124,7 @@ class Engine:
             capacity=policy.capacity(max_seq_len), max_positions=max_seq_len,
             feat_dim=feat_dim, ctrl_dim=ctrl_dim, store_size=policy.store_size,
             dtype=next(model.parameters()).dtype, device=self.device)
+        self.cache.store_bound = 0  # the stores start empty; each step and placement keeps the bound
         # the current token's queries of every layer [L, B, Hq, D], for a policy that scores by them
         self.queries = None
         if policy.needs_queries:
@@ -390,6 +391,8 @@ class Engine:
         if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
             out = out[: c.store_size]
             c.store_from(src_k, src_v, torch.zeros_like(out), out, torch.full_like(out, row), out, None)
+            if c.store_bound is not None:  # its store fills slots [0, P - m) at most
+                c.store_bound = max(c.store_bound, min(c.store_size, out.numel()))
         c.put(src_k, src_v, torch.zeros_like(kept), kept, torch.full_like(kept, row),
               torch.arange(m, device=dev), kept)
         if kv.mass is not None:
@@ -462,19 +465,20 @@ class Engine:
             released = counts[0].new_zeros(())
         counts.append(released)
         counts.append(c.valid(n).sum(1).max())
-        counts.append(c.stored(n).sum() if c.store_pos is not None else counts[-1].new_zeros(()))
+        if c.store_pos is not None:
+            counts += [c.stored(n).sum(), c.store_used(n)]
 
         # 5. next tokens
         for req in reqs:
             req.next_pos += 1
         with record_function("adore.tokens"):
-            rebuilt, step_tokens, released, held, stored_now = self._next_tokens(reqs, logits, outs,
-                                                                                 torch.stack(counts))
+            rebuilt, step_tokens, released, held, *stored = self._next_tokens(reqs, logits, outs, torch.stack(counts))
         st = self.stats
         st["rebuilt"] += int(rebuilt)
         st["released"] += int(released)
-        if c.store_pos is not None:
-            st["stored_tokens"] = int(stored_now)
+        if stored:
+            st["stored_tokens"] = int(stored[0])
+            c.store_bound = int(stored[1])  # what the next step's scorer reads of the stores
         st["steps"] += 1
         st["decode_tokens"] += n
         st["peak_cache_tokens"] = max(st["peak_cache_tokens"], int(held))

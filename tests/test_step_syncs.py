@@ -9,6 +9,7 @@ step of greedy, sampled and forced rows, with releases and re-admissions, must r
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import pytest
@@ -23,15 +24,24 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="device sy
 
 
 def _syncs(engine: Engine, steps: int) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
+    """Run steps; the Python stack (the engine's frames) of every sync they make."""
+    found = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "called a synchronizing" in str(message):  # raised at the sync: the stack is its caller's
+            frames = [f for f in traceback.extract_stack()[:-1] if "/adore/" in f.filename]
+            found.append(" <- ".join(f"{f.filename.split('/adore/')[-1]}:{f.lineno} {f.line}" for f in frames[::-1]))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(steps):
                 engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return found
 
 
 @pytest.mark.parametrize("name", ["adore", "h2o", "sink"])
@@ -53,3 +63,4 @@ def test_decode_step_syncs_once(name):
     syncs = _syncs(eng, steps)
     assert eng.n_active == 4 and eng.stats["released"] > released  # the measured steps did release
     assert len(syncs) == steps, "\n".join(syncs)
+    assert all("_choose" in s for s in syncs), "\n".join(syncs)  # the one transfer of the tokens

@@ -201,7 +201,8 @@ class AdorePolicy(Policy):
 
     def step_scores(self, cache, n, cur_tok, cur_pos):
         if self.by_attention:  # the current token has received nothing yet: observe scores the step
-            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos] = 0
+            # (a 0-d device value: a Python 0 would be copied from pageable host memory, a device sync)
+            cache.feat_at[torch.arange(n, device=cur_pos.device), cur_pos] = cache.feat_at.new_zeros(())
             return None
         query = None
         if self.controller is not None:

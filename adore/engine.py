@@ -35,6 +35,11 @@ A decode step per row:
 
 All decisions are made from tensors every tensor-parallel rank holds identically, so ranks that run
 the same calls stay in lock-step (workers/ relies on this).
+
+On a GPU a decode step makes the host wait for the device once, when its tokens (and the step's
+counts, which ride along) come over: the policy's choices are fixed-shape tensor ops (padding sent to
+trash slots), host values go over in pinned copies, and the bounds the host needs come from its own
+counts or the previous step's (tests/test_step_syncs.py).
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ class SlotCache:
             rows = torch.arange(n, device=drop.device).repeat_interleave(width)
             self.store_from(self.k, self.v, rows, slots.flatten(), rows, positions.flatten(), pos_scores,
                             ok.flatten())
-        self.released[:n].scatter_(1, torch.where(ok, positions, self.max_positions), ok)  # the spare column stays False
+        # padding goes to the spare column, with False: it stays False
+        self.released[:n].scatter_(1, torch.where(ok, positions, self.max_positions), ok)
         self.pos[:n].scatter_(1, slots, -1)
         self.mass[:n].scatter_(1, slots, 0.0)
         return ok.sum()

@@ -10,7 +10,7 @@ Per-position state (token ids, controller features, released flags) is indexed b
 so the released list costs no bookkeeping: a token's entry is written once, when it arrives.
 
 A second tier (store_size > 0) keeps released tokens' K/V, all layers, in `store_size` more slots
-per sequence (`stash` on release, `restore` on rebuild), so a token that comes back has exactly the
+per sequence (`release` puts them there, `restore` brings them back), so a token that comes back has exactly the
 K/V it left with. When a row's store is full, the lowest-scored stored tokens make room.
 
 Active sequences are kept packed in rows [0, n_active): when one leaves, the last one moves into its
@@ -154,12 +154,10 @@ class SlotCache:
         that are not tokens, are written to the trash slot, which is never read."""
         kept, dst = self._store_slots(rows, pos_scores)
         if ok is not None:
-            kept = kept & ok
-            dst = torch.where(ok, dst, self.store_size)
-        ok = kept
+            kept, dst = kept & ok, torch.where(ok, dst, self.store_size)
         copy_tokens(src_k, src_b, src_s, self.store_k, rows, dst)  # straight across, no temporary
         copy_tokens(src_v, src_b, src_s, self.store_v, rows, dst)
-        self.store_pos[rows, dst] = torch.where(ok, positions, -1)
+        self.store_pos[rows, dst] = torch.where(kept, positions, -1)
 
     def _store_slots(self, rows: torch.Tensor, pos_scores: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:

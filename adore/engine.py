@@ -396,8 +396,7 @@ class Engine:
         if c.store_k is not None:  # the second tier keeps the released prompt tokens' K/V
             out = out[: c.store_size]
             c.store_from(src_k, src_v, torch.zeros_like(out), out, torch.full_like(out, row), out, None)
-            if c.store_bound is not None:  # its store fills slots [0, P - m) at most
-                c.store_bound = max(c.store_bound, min(c.store_size, out.numel()))
+            c.store_bound = max(c.store_bound, out.numel())  # its store fills slots [0, len(out)) at most
         c.put(src_k, src_v, torch.zeros_like(kept), kept, torch.full_like(kept, row),
               torch.arange(m, device=dev), kept)
         if kv.mass is not None:

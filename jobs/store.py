@@ -87,17 +87,13 @@ class ResultStore:
                     n += 1
         return n
 
-    def read_all(self, cells: set[str] | None = None) -> pa.Table:
-        """Every cell's row (or those of the cell ids `cells`), one table with the fixed schema (empty if
-        none)."""
+    def read_all(self) -> pa.Table:
+        """Every cell's row, one table with the fixed schema (empty if none)."""
         tables = [pq.read_table(i.path, filesystem=self.fs) for i in self._cell_files()
                   if i.base_name.endswith(".parquet") and not i.base_name.startswith(".")]
         if not tables:
             return SCHEMA.empty_table()
-        table = pa.concat_tables([conform(t) for t in tables])
-        if cells is not None:
-            table = table.filter(pc.is_in(table["cell_id"], value_set=pa.array(sorted(cells), pa.string())))
-        return table
+        return pa.concat_tables([conform(t) for t in tables])
 
     def latest_grid(self) -> set[str] | None:
         """The cell ids of the latest run's grid (grid.json), or None where no run wrote one."""
@@ -111,9 +107,11 @@ class ResultStore:
         """The rows of the latest run's grid, and how many cells of earlier grids the store also holds
         (a re-run with a changed preset writes new cells beside the old ones: a report of both would
         put two measurements of one method side by side). All rows where there is no grid.json."""
-        grid = self.latest_grid()
-        table = self.read_all(grid)
-        return table, (self.read_all().num_rows - table.num_rows if grid is not None else 0)
+        table, grid = self.read_all(), self.latest_grid()
+        if grid is None:
+            return table, 0
+        latest = table.filter(pc.is_in(table["cell_id"], value_set=pa.array(sorted(grid), pa.string())))
+        return latest, table.num_rows - latest.num_rows
 
     def write_json(self, name: str, obj) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
